@@ -1,0 +1,38 @@
+"""vorta_ops: VORTA routed sparse attention for video diffusion transformers (pure torch + triton).
+
+Public API (everything else is internal):
+    layout:        TileLayout, check_grid
+    branches:      full_attention, sliding_tile_attention (+ _reference, SlidingTileConfig),
+                   coreset_attention (+ coreset_reference, CoresetConfig)
+    router:        RouterSet, FULL / CORESET / SLIDING, BRANCH_NAMES, decision_shares
+    router files:  load_router, save_router, convert_router, RouterFileError
+    dispatch:      routed_attention, RoutedConfig
+"""
+from .coreset import CoresetConfig, coreset_attention, coreset_reference
+from .dispatch import RoutedConfig, routed_attention
+from .full import FLASH_ATTN_AVAILABLE, full_attention
+from .layout import TileLayout, check_grid
+from .router import BRANCH_NAMES, CORESET, FULL, SLIDING, RouterSet, decision_shares
+from .router_io import RouterFileError, convert_router, load_router, save_router
+from .sliding_tile import (
+    ALIGNED_TILE,
+    DEFAULT_WINDOW,
+    HUNYUAN_TILE,
+    WAN_TILE,
+    SlidingTileConfig,
+    sliding_tile_attention,
+    sliding_tile_reference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TileLayout", "check_grid",
+    "full_attention", "FLASH_ATTN_AVAILABLE",
+    "SlidingTileConfig", "sliding_tile_attention", "sliding_tile_reference",
+    "WAN_TILE", "HUNYUAN_TILE", "ALIGNED_TILE", "DEFAULT_WINDOW",
+    "CoresetConfig", "coreset_attention", "coreset_reference",
+    "RouterSet", "FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "decision_shares",
+    "load_router", "save_router", "convert_router", "RouterFileError",
+    "RoutedConfig", "routed_attention",
+]

@@ -1,0 +1,86 @@
+"""Routed dispatch for one attention layer: each branch runs once, on the heads routed to it.
+
+q, k, v: [B, H, L, D] in the original t-major order (any strides; ComfyUI's [B, L, H*D] tensors
+viewed as [B, L, H, D].transpose(1, 2) work without a copy). branches: H branch ids (router.py).
+
+A branch that gets every head runs on q, k, v as they are; a branch that gets a contiguous run of
+heads gets views; only a scattered head subset is gathered (a copy of that subset alone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .coreset import CoresetConfig, coreset_attention
+from .full import full_attention
+from .router import CORESET, FULL, SLIDING
+from .sliding_tile import SlidingTileConfig, sliding_tile_attention
+
+__all__ = ["RoutedConfig", "routed_attention", "head_groups"]
+
+
+@dataclass(frozen=True)
+class RoutedConfig:
+    sliding: SlidingTileConfig = field(default_factory=SlidingTileConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    sliding_backend: str = "auto"
+
+
+def head_groups(branches) -> dict[int, list[int]]:
+    """{branch id: [head indices]} for the branches that have heads, in branch order."""
+    ids = branches.tolist() if isinstance(branches, torch.Tensor) else list(branches)
+    groups: dict[int, list[int]] = {}
+    for h, b in enumerate(ids):
+        if b not in (FULL, CORESET, SLIDING):
+            raise ValueError(f"head {h}: branch id {b} is not one of 0 (full), 1 (core-set), 2 (sliding tile)")
+        groups.setdefault(int(b), []).append(h)
+    return dict(sorted(groups.items()))
+
+
+def _heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return x[:, idx[0] : idx[-1] + 1]  # a view
+    return x.index_select(1, torch.tensor(idx, device=x.device))
+
+
+def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale):
+    if branch == FULL:
+        return full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
+    if branch == CORESET:
+        return coreset_attention(q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+    return sliding_tile_attention(
+        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend
+    )
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    branches,
+    grid,
+    cfg: RoutedConfig = RoutedConfig(),
+    n_prefix: int = 0,
+    n_suffix: int = 0,
+    *,
+    kv_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention with each head routed to its branch. Returns [B, H, L, D]."""
+    H = q.shape[1]
+    n_branches = branches.numel() if isinstance(branches, torch.Tensor) else len(branches)
+    if n_branches != H:
+        raise ValueError(f"got {n_branches} branch ids for {H} heads; expected one per head")
+    groups = head_groups(branches)
+    if len(groups) == 1:
+        (branch,) = groups
+        return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale)
+    out = q.new_empty(q.shape)
+    for branch, idx in groups.items():
+        res = _run_branch(branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale)
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            out[:, idx[0] : idx[-1] + 1] = res
+        else:
+            out.index_copy_(1, torch.tensor(idx, device=q.device), res)
+    return out

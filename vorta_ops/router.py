@@ -1,0 +1,96 @@
+"""The VORTA router: one per transformer block, on the timestep embedding only.
+
+Per block i: logits = Linear_i(SiLU(temb)) with weight [3*H, E]; row h*3 + e is head h, branch e;
+probabilities = softmax over the 3 branches per head. Inference takes the argmax per head.
+Branch order (the official one): 0 = full, 1 = core-set, 2 = sliding tile.
+
+Because the router sees only the timestep embedding, a step's decisions are the same for every
+token and prompt: ``decide`` returns one (blocks x heads) table per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "RouterSet", "decision_shares"]
+
+FULL, CORESET, SLIDING = 0, 1, 2
+BRANCH_NAMES = ("full", "coreset", "sliding_tile")
+FAMILIES = ("wan", "hunyuan", "generic")
+
+
+@dataclass
+class RouterSet:
+    """All routers of one model. weight: [blocks, 3*heads, embed_dim]; bias: [blocks, 3*heads].
+
+    block_names: the checkpoint key prefix of each block (e.g. "blocks.0"), in block order.
+    For HunyuanVideo the 20 dual-stream blocks come first, then the 40 single-stream blocks.
+    meta: free-form extra settings (tiles, window, bucket, training notes), strings only.
+    """
+
+    family: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    block_names: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"router family must be one of {FAMILIES}, got {self.family!r}")
+        if self.weight.dim() != 3 or self.weight.shape[1] % 3:
+            raise ValueError(
+                f"router weight must be [blocks, 3*heads, embed_dim], got {tuple(self.weight.shape)}"
+            )
+        if tuple(self.bias.shape) != tuple(self.weight.shape[:2]):
+            raise ValueError(
+                f"router bias must be [blocks, 3*heads] = {tuple(self.weight.shape[:2])}, got {tuple(self.bias.shape)}"
+            )
+        if not self.block_names:
+            self.block_names = [f"blocks.{i}" for i in range(self.blocks)]
+        if len(self.block_names) != self.blocks:
+            raise ValueError(f"{len(self.block_names)} block names for {self.blocks} blocks")
+
+    @property
+    def blocks(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.weight.shape[1] // 3
+
+    @property
+    def embed_dim(self) -> int:
+        return self.weight.shape[2]
+
+    def describe(self) -> str:
+        return f"{self.family} router: {self.blocks} blocks x {self.heads} heads, embed dim {self.embed_dim}"
+
+    def probs(self, temb: torch.Tensor) -> torch.Tensor:
+        """temb: [E] or [B, E] (sample 0 is used: the timestep is shared by the batch).
+        Returns float32 [blocks, heads, 3] branch probabilities."""
+        if temb.dim() == 2:
+            temb = temb[0]
+        if temb.dim() != 1 or temb.shape[0] != self.embed_dim:
+            raise ValueError(
+                f"router expects a timestep embedding of size {self.embed_dim}, got shape {tuple(temb.shape)}"
+            )
+        x = F.silu(temb.float().to(self.weight.device))
+        logits = torch.einsum("e,boe->bo", x, self.weight.float()) + self.bias.float()
+        return logits.view(self.blocks, self.heads, 3).softmax(-1)
+
+    def decide(self, temb: torch.Tensor) -> torch.Tensor:
+        """Hard routing: int8 [blocks, heads] table of branch ids (argmax over the branches)."""
+        return self.probs(temb).argmax(-1).to(torch.int8)
+
+    def to(self, device=None, dtype=None) -> "RouterSet":
+        return RouterSet(
+            self.family, self.weight.to(device, dtype), self.bias.to(device, dtype), list(self.block_names), dict(self.meta)
+        )
+
+
+def decision_shares(table: torch.Tensor) -> dict[str, float]:
+    """Share of (block, head) pairs routed to each branch in a decision table."""
+    n = max(table.numel(), 1)
+    return {name: float((table == i).sum()) / n for i, name in enumerate(BRANCH_NAMES)}
