@@ -18,7 +18,7 @@ import torch
 from .coreset import CoresetConfig, coreset_attention
 from .dispatch import RoutedConfig, routed_attention
 from .full import full_attention
-from .router import BRANCH_NAMES, RouterSet, decision_shares
+from .router import BRANCH_NAMES, RouterSet, decision_shares, sinusoidal_embedding
 from .sliding_tile import SlidingTileConfig, sliding_tile_attention
 from .viz import render_decisions
 
@@ -26,11 +26,8 @@ __all__ = ["synthetic_video_qkv", "synthetic_router", "timestep_embedding", "run
 
 
 def timestep_embedding(t: float, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of a timestep (0..1000), [dim] float32 (cos half, then sin half)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-    ang = t * freqs
-    return torch.cat((ang.cos(), ang.sin())).float()
+    """[dim] sinusoidal embedding of one timestep (0..1000); the synthetic router's input."""
+    return sinusoidal_embedding(t, dim)[0]
 
 
 def synthetic_video_qkv(grid, heads=8, head_dim=64, batch=1, noise=0.1, seed=0, device="cpu", dtype=torch.float32):

@@ -44,8 +44,10 @@ def _heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return x.index_select(1, torch.tensor(idx, device=x.device))
 
 
-def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale):
+def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale, full_fn):
     if branch == FULL:
+        if full_fn is not None:
+            return full_fn(q, k, v)
         return full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
     if branch == CORESET:
         return coreset_attention(q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
@@ -66,8 +68,14 @@ def routed_attention(
     *,
     kv_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    full_fn=None,
 ) -> torch.Tensor:
-    """Attention with each head routed to its branch. Returns [B, H, L, D]."""
+    """Attention with each head routed to its branch. Returns [B, H, L, D].
+
+    full_fn: optional callable (q, k, v) -> out on [B, h, L, D] head subsets that serves the full
+    branch instead of full_attention (the host's own dense backend, e.g. ComfyUI's SageAttention);
+    it must apply kv_mask itself.
+    """
     H = q.shape[1]
     n_branches = branches.numel() if isinstance(branches, torch.Tensor) else len(branches)
     if n_branches != H:
@@ -75,10 +83,12 @@ def routed_attention(
     groups = head_groups(branches)
     if len(groups) == 1:
         (branch,) = groups
-        return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale)
+        return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn)
     out = q.new_empty(q.shape)
     for branch, idx in groups.items():
-        res = _run_branch(branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale)
+        res = _run_branch(
+            branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn
+        )
         if idx == list(range(idx[0], idx[-1] + 1)):
             out[:, idx[0] : idx[-1] + 1] = res
         else:

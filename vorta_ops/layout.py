@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Grid", "TileLayout", "check_grid", "grid_tokens"]
+__all__ = ["Grid", "TileLayout", "auto_tile", "check_grid", "grid_tokens"]
 
 Grid = tuple[int, int, int]
 
@@ -221,3 +221,18 @@ def _dst_index(layout: TileLayout, device: torch.device) -> torch.Tensor:
 def _slot_tile(layout: TileLayout, device: torch.device) -> torch.Tensor:
     tiles = torch.arange(layout.num_tiles).repeat_interleave(layout.tile_len)
     return torch.cat((tiles, torch.full((layout.extra_len,), -1))).to(device)
+
+
+def auto_tile(grid, official, slack: int = 2) -> Grid:
+    """A tile near ``official`` that wastes the least padding on this grid.
+
+    Per axis, candidates are official-slack .. official+slack (at least 1, at most the grid); the
+    one whose tiles cover the axis with the fewest padded tokens wins, ties going to the size
+    closest to the official one (the receptive field a router was trained with), then the larger.
+    """
+    grid, official = check_grid(grid), _triple("official tile", official)
+    out = []
+    for n, o in zip(grid, official):
+        cands = range(max(1, o - slack), max(1, min(n, o + slack)) + 1)
+        out.append(min(cands, key=lambda t: (math.ceil(n / t) * t - n, abs(t - o), -t)))
+    return tuple(out)  # type: ignore[return-value]

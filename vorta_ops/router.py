@@ -9,12 +9,13 @@ token and prompt: ``decide`` returns one (blocks x heads) table per step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "RouterSet", "decision_shares"]
+__all__ = ["sinusoidal_embedding", "FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "RouterSet", "decision_shares"]
 
 FULL, CORESET, SLIDING = 0, 1, 2
 BRANCH_NAMES = ("full", "coreset", "sliding_tile")
@@ -88,6 +89,19 @@ class RouterSet:
         return RouterSet(
             self.family, self.weight.to(device, dtype), self.bias.to(device, dtype), list(self.block_names), dict(self.meta)
         )
+
+
+def sinusoidal_embedding(t, dim: int) -> torch.Tensor:
+    """Sinusoidal timestep embedding [N, dim] (cos half first, then sin; max period 10000), as
+    Wan's and HunyuanVideo's time embedders take it. t: scalar or [N] timesteps in 0..1000."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    ang = t[:, None] * freqs[None]
+    emb = torch.cat((ang.cos(), ang.sin()), dim=-1)
+    if dim % 2:
+        emb = torch.cat((emb, emb.new_zeros(emb.shape[0], 1)), dim=-1)
+    return emb
 
 
 def decision_shares(table: torch.Tensor) -> dict[str, float]:

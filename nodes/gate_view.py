@@ -1,0 +1,117 @@
+"""VORTA Gate Visualizer: per block x head branch choices by step, as an IMAGE and a summary.
+
+"predicted": computed from the router and the schedule (routing depends only on the timestep).
+"last run": what the patched model actually executed in its latest sampling run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from vorta_ops.router import BRANCH_NAMES, decision_shares
+from vorta_ops.viz import render_decisions
+
+from .models import check_router_fits, inspect_model
+from .patch import STATE_KEY, VortaOptions, VortaState
+from .router_loader import Router
+
+MODES = ("predicted", "last run")
+
+
+def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", mode="predicted"):
+    """-> (tables int8 [steps, blocks, heads], labels, title)."""
+    state = model.model_options.get("transformer_options", {}).get(STATE_KEY)
+    state = state if isinstance(state, VortaState) else None
+    if mode == "last run":
+        if state is None or state.last_run is None or not state.last_run.steps:
+            raise ValueError(
+                "'last run' needs the MODEL output of VORTA Apply after it has sampled: connect the "
+                "patched model and the sampler's LATENT (so this node runs after it), or use 'predicted'"
+            )
+        recs = sorted(state.last_run.steps.values(), key=lambda r: -r.sigma)
+        return torch.stack([r.table for r in recs]), [f"step {r.step} (t={r.timestep:.0f})" for r in recs], "VORTA executed routing"
+    dm = model.model.diffusion_model
+    spec = inspect_model(dm)
+    if router is None:
+        if state is None:
+            raise ValueError("connect a VORTA router, or a model patched by VORTA Apply")
+        router, options = state.router, state.options
+    else:
+        check_router_fits(router, spec)
+        options = state.options if state is not None else VortaOptions()
+    ms = model.get_model_object("model_sampling")
+    if sigmas is None:
+        import comfy.samplers
+
+        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+    sigmas = sigmas.reshape(-1).float().cpu()
+    n = len(sigmas) - 1
+    if n < 1:
+        raise ValueError(f"need at least 2 sigmas (1 step), got {len(sigmas)}")
+    vs = VortaState(router, spec, options)
+    dtype = model.model.get_dtype() if hasattr(model.model, "get_dtype") else torch.float32
+    if getattr(model.model, "manual_cast_dtype", None) is not None:
+        dtype = model.model.manual_cast_dtype
+    device = next(dm.parameters()).device
+    tables, labels = [], []
+    for i in range(n):
+        t = float(ms.timestep(sigmas[i : i + 1]).reshape(-1)[0])
+        tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device), i, n))
+        labels.append(f"step {i} (t={t:.0f})")
+    return torch.stack(tables), labels, "VORTA predicted routing"
+
+
+def summarize(tables: torch.Tensor, labels) -> str:
+    lines = [f"{'':<18} " + " ".join(f"{n:>12}" for n in BRANCH_NAMES)]
+    for t, label in zip(tables, labels):
+        sh = decision_shares(t)
+        lines.append(f"{label:<18} " + " ".join(f"{sh[n] * 100:>11.1f}%" for n in BRANCH_NAMES))
+    sh = decision_shares(tables)
+    lines.append(f"{'all steps':<18} " + " ".join(f"{sh[n] * 100:>11.1f}%" for n in BRANCH_NAMES))
+    return "\n".join(lines)
+
+
+def web_payload(tables: torch.Tensor, labels) -> dict:
+    """Compact data for the web widget: one string of branch digits per step."""
+    S, Bk, H = tables.shape
+    return {
+        "blocks": Bk, "heads": H, "branches": list(BRANCH_NAMES), "labels": list(labels),
+        "steps": ["".join(map(str, t.reshape(-1).tolist())) for t in tables],
+    }
+
+
+class VortaGateVisualizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VortaGateVisualizer",
+            display_name="VORTA Gate Visualizer",
+            category="model_patches/vorta",
+            description="Shows which branch (full / core-set / sliding tile) each block and head uses at each step.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="A model patched by VORTA Apply, or the plain model plus a router."),
+                io.Combo.Input("mode", options=list(MODES), default="predicted",
+                               tooltip="predicted: from router and schedule; last run: what the patched model executed."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Schedule length when no sigmas are connected."),
+                io.Combo.Input("scheduler", options=["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "linear_quadratic", "ddim_uniform"], default="simple"),
+                Router.Input("router", optional=True),
+                io.Sigmas.Input("sigmas", optional=True, tooltip="The sampler's sigmas; overrides steps and scheduler."),
+                io.Latent.Input("latent", optional=True, tooltip="Connect the sampler's output so 'last run' runs after it."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, mode, **_):
+        return float("nan") if mode == "last run" else None  # last run changes with every sampling
+
+    @classmethod
+    def execute(cls, model, mode, steps, scheduler, router=None, sigmas=None, latent=None) -> io.NodeOutput:
+        tables, labels, title = gate_tables(model, router, sigmas, steps, scheduler, mode)
+        img = render_decisions(tables, labels, title=title)
+        image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+        text = summarize(tables, labels)
+        ui_out = {**ui.PreviewImage(image, cls=cls).as_dict(), "text": (text,), "vorta_gates": [web_payload(tables, labels)]}
+        return io.NodeOutput(image, text, ui=ui_out)

@@ -1,0 +1,212 @@
+"""Drive a real ComfyUI for integration tests: tiny random-weight checkpoints, a headless server
+on 127.0.0.1 with this pack in custom_nodes, prompts posted over HTTP.
+
+Needs COMFYUI_PATH (a ComfyUI source tree) and a Python that has ComfyUI's requirements; tests
+that use it skip with the reason when either is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfyui_path() -> Path | None:
+    p = os.environ.get("COMFYUI_PATH")
+    return Path(p) if p and (Path(p) / "main.py").exists() else None
+
+
+def skip_reason() -> str | None:
+    p = comfyui_path()
+    if p is None:
+        return "ComfyUI integration: set COMFYUI_PATH to a ComfyUI source tree (see README, Development)"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import aiohttp, yaml, torchsde, comfy_api"], cwd=p, capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"ComfyUI integration: this Python lacks ComfyUI's requirements ({probe.stderr.strip().splitlines()[-1]})"
+    return None
+
+
+# Writes tiny random-weight diffusion models with ComfyUI's own classes, so the standard loaders
+# detect them like the real ones.
+_MAKE_MODEL = textwrap.dedent(
+    """
+    import sys, torch
+    sys.argv = ["make", "--cpu"]
+    import comfy.options; comfy.options.enable_args_parsing()
+    import comfy.ops, comfy.utils
+    kind, out, dim, layers = sys.argv_real[1], sys.argv_real[2], int(sys.argv_real[3]), int(sys.argv_real[4])
+    torch.manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    if kind == "wan":
+        from comfy.ldm.wan.model import WanModel
+        m = WanModel(model_type="t2v", dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=layers,
+                     text_dim=4096, freq_dim=256, in_dim=16, out_dim=16, operations=ops)
+    else:
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo
+        m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
+                         context_in_dim=4096, hidden_size=dim, mlp_ratio=4.0, num_heads=dim // 128,
+                         depth=layers, depth_single_blocks=layers, axes_dim=[16, 56, 56], theta=256,
+                         patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=ops)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.01))
+    comfy.utils.save_torch_file(m.state_dict(), out)
+    """
+)
+
+
+def make_tiny_model(kind: str, out: Path, dim: int = 256, layers: int = 2) -> Path:
+    script = "import sys; sys.argv_real = list(sys.argv)\n" + _MAKE_MODEL
+    res = subprocess.run(
+        [sys.executable, "-c", script, kind, str(out), str(dim), str(layers)],
+        cwd=comfyui_path(), capture_output=True, text=True, timeout=300,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"making tiny {kind} model failed:\n{res.stderr[-3000:]}")
+    return out
+
+
+# Test-only nodes: text conditioning without the 5B-parameter text encoders.
+TEST_NODES = textwrap.dedent(
+    r"""
+    import torch
+
+    class VortaTestConditioning:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
+                                 "pooled": ("BOOLEAN", {"default": False})}}
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, seed, tokens, pooled):
+            g = torch.Generator().manual_seed(seed)
+            extra = {"pooled_output": torch.randn(1, 768, generator=g)} if pooled else {}
+            return ([[torch.randn(1, tokens, 4096, generator=g) * 0.5, extra]],)
+
+    class VortaTestOverride:
+        # sets a logging attention override, as SageAttention-style nodes do (no chaining)
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",), "counter_file": ("STRING", {"default": ""})}}
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, model, counter_file):
+            m = model.clone()
+            def override(func, *args, **kwargs):
+                q, k = args[0], args[1]
+                with open(counter_file, "a") as f:
+                    f.write(f"{tuple(q.shape)} {tuple(k.shape)} {kwargs.get('skip_reshape', False)}" + chr(10))
+                return func(*args, **kwargs)
+            m.model_options["transformer_options"]["optimized_attention_override"] = override
+            return (m,)
+
+    NODE_CLASS_MAPPINGS = {"VortaTestConditioning": VortaTestConditioning, "VortaTestOverride": VortaTestOverride}
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A headless ComfyUI on 127.0.0.1 with a private base directory."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = base / "server.log"
+
+    def prepare(self) -> None:
+        cn = self.base / "custom_nodes"
+        cn.mkdir(parents=True, exist_ok=True)
+        link = cn / "comfyui-vorta"
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        (cn / "vorta_test_nodes.py").write_text(TEST_NODES)
+        for d in ("models/diffusion_models", "models/vorta_routers", "input", "output", "temp", "user"):
+            (self.base / d).mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 120) -> None:
+        self.prepare()
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes"]
+        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, json.dumps(data).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 180) -> dict:
+        """Queue a prompt and wait for its history entry; raises with ComfyUI's error if it fails."""
+        code, res = self.post("/prompt", {"prompt": prompt, "client_id": "vorta-tests"})
+        if code != 200:
+            raise PromptRejected(code, res)
+        pid = res["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = self.get(f"/history/{pid}")
+            if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                entry = h[pid]
+                if entry["status"].get("status_str") != "success":
+                    raise PromptFailed(entry["status"])
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout}s; log:\n{self.log.read_text()[-3000:]}")
+
+
+class PromptRejected(Exception):
+    def __init__(self, code, body):
+        super().__init__(f"/prompt answered {code}: {json.dumps(body)[:2000]}")
+        self.code, self.body = code, body
+
+
+class PromptFailed(Exception):
+    def __init__(self, status):
+        super().__init__(f"prompt failed: {json.dumps(status)[:3000]}")
+        self.status = status

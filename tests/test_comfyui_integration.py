@@ -1,0 +1,178 @@
+"""A real headless ComfyUI with this pack: tiny random-weight Wan / HunyuanVideo checkpoints,
+prompts posted to /prompt, results read from /history and the output folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy_harness as h
+from vorta_ops.router import CORESET, FULL, SLIDING, RouterSet
+from vorta_ops.router_io import save_router
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(h.skip_reason() is not None, reason=h.skip_reason() or "")]
+
+WAN_DIM, WAN_BLOCKS, WAN_HEADS = 256, 2, 2
+
+
+def biased_router(family, blocks, heads, embed, table, weight_scale=0.0):
+    """A router whose argmax is `table` (blocks x heads) at every timestep."""
+    b = torch.zeros(blocks, heads, 3)
+    for i in range(blocks):
+        for j in range(heads):
+            b[i, j, table[i][j]] = 20.0
+    w = torch.randn(blocks, heads * 3, embed, generator=torch.Generator().manual_seed(1)) * weight_scale
+    return RouterSet(family, w, b.reshape(blocks, heads * 3))
+
+
+MIX = [[CORESET, SLIDING], [SLIDING, CORESET]]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    srv = h.ComfyServer(base)
+    srv.prepare()
+    h.make_tiny_model("wan", base / "models/diffusion_models/tiny_wan.safetensors", WAN_DIM, WAN_BLOCKS)
+    h.make_tiny_model("hunyuan", base / "models/diffusion_models/tiny_hunyuan.safetensors", 256, 1)
+    routers = base / "models/vorta_routers"
+    save_router(biased_router("wan", 2, 2, WAN_DIM, MIX), routers / "wan_mix.safetensors")
+    save_router(biased_router("wan", 2, 2, WAN_DIM, [[FULL, FULL], [FULL, FULL]]), routers / "wan_full.safetensors")
+    save_router(biased_router("wan", 3, 2, WAN_DIM, [[FULL, FULL]] * 3), routers / "wan_3blocks.safetensors")
+    # a real (weight-driven) router: decisions change with the timestep
+    save_router(biased_router("wan", 2, 2, WAN_DIM, MIX, weight_scale=0.3), routers / "wan_live.safetensors")
+    save_router(biased_router("hunyuan", 2, 2, 256, MIX), routers / "hy_mix.safetensors")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def wan_prompt(router=None, tile="1,2,2", window="1,1,1", prefix="out", override_file=None, extra=None):
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}},
+        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": 8, "pooled": False}},
+        "5": {"class_type": "VortaTestConditioning", "inputs": {"seed": 2, "tokens": 8, "pooled": False}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 96, "height": 64, "length": 9, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 3, "cfg": 2.0, "sampler_name": "euler",
+                                                    "scheduler": "simple", "positive": ["4", 0], "negative": ["5", 0],
+                                                    "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
+    }
+    model = ["1", 0]
+    if override_file:
+        p["20"] = {"class_type": "VortaTestOverride", "inputs": {"model": model, "counter_file": str(override_file)}}
+        model = ["20", 0]
+    if router:
+        p["2"] = {"class_type": "VortaRouterLoader", "inputs": {"router_name": router}}
+        p["3"] = {"class_type": "VortaApply", "inputs": {
+            "model": model, "router": ["2", 0], "enabled": True, "tile": tile, "window": window, "bucket": "2,2,2",
+            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
+        p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 3,
+                                                                  "scheduler": "simple", "latent": ["7", 0]}}
+        p["10"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "predicted", "steps": 3,
+                                                                   "scheduler": "simple"}}
+        model = ["3", 0]
+    p["7"]["inputs"]["model"] = model
+    p.update(extra or {})
+    return p
+
+
+def latent_of(server, entry, node="8"):
+    files = list((server.base / "output").glob(f"{entry['outputs'][node]['latents'][0]['filename']}"))
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+def saved_latent(server, prefix):
+    (f,) = sorted((server.base / "output").glob(f"{prefix}_*.latent"))
+    return load_file(str(f))["latent_tensor"]
+
+
+def gates(entry, node):
+    return entry["outputs"][node]["vorta_gates"][0]
+
+
+def test_routed_run_executes_the_table_and_the_picture_shows_it(server):
+    entry = server.run(wan_prompt("wan_mix.safetensors", prefix="mix"))
+    executed, predicted = gates(entry, "9"), gates(entry, "10")
+    flat = "".join(str(b) for row in MIX for b in row)
+    assert executed["steps"] == [flat] * 3 and predicted["steps"] == [flat] * 3
+    assert (executed["blocks"], executed["heads"]) == (2, 2)
+    assert entry["outputs"]["9"]["images"][0]["type"] == "temp"
+    assert "coreset 50.0%, sliding_tile 50.0%" in server.log.read_text()
+
+
+def test_live_router_predicted_equals_executed(server):
+    entry = server.run(wan_prompt("wan_live.safetensors", prefix="live"))
+    assert gates(entry, "9")["steps"] == gates(entry, "10")["steps"]
+
+
+def test_all_full_router_is_bit_identical_and_the_original_model_is_untouched(server):
+    base = server.run(wan_prompt(prefix="base"))
+    full = server.run(wan_prompt("wan_full.safetensors", prefix="full"))
+    # one prompt holding both the plain model and a patched clone of it
+    both = wan_prompt("wan_mix.safetensors", prefix="routed", extra={
+        "17": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 3, "cfg": 2.0, "sampler_name": "euler",
+                                                     "scheduler": "simple", "positive": ["4", 0], "negative": ["5", 0],
+                                                     "latent_image": ["6", 0], "denoise": 1.0}},
+        "18": {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": "plain"}},
+    })
+    server.run(both)
+    plain, routed = saved_latent(server, "plain"), saved_latent(server, "routed")
+    base_l, full_l = saved_latent(server, "base"), saved_latent(server, "full")
+    assert torch.equal(full_l, base_l)
+    assert torch.equal(plain, base_l)
+    assert not torch.equal(routed, base_l)  # routing really changed the computation
+    assert torch.isfinite(routed).all()
+
+
+def test_chains_to_an_earlier_override(server, tmp_path):
+    log_mix, log_full = tmp_path / "mix.txt", tmp_path / "full.txt"
+    server.run(wan_prompt("wan_mix.safetensors", prefix="chain_mix", override_file=log_mix))
+    server.run(wan_prompt("wan_full.safetensors", prefix="chain_full", override_file=log_full))
+    mix, full = log_mix.read_text().splitlines(), log_full.read_text().splitlines()
+    calls = 3 * WAN_BLOCKS  # steps x blocks; cond and uncond are one batch
+    # mix: no full heads, so only the cross-attention calls reach the earlier override
+    assert len(mix) == calls and all(line.split(") (")[1].startswith("2, 8,") for line in mix)
+    # all full: self-attention goes to it as well
+    assert len(full) == 2 * calls
+    # the earlier override serves everything dense: all-full routing still changes nothing
+    assert torch.equal(saved_latent(server, "chain_full"), saved_latent(server, "chain_mix")) is False
+
+
+def test_mismatched_router_fails_with_both_sizes(server):
+    with pytest.raises(h.PromptFailed) as e:
+        server.run(wan_prompt("wan_3blocks.safetensors", prefix="bad"))
+    msg = json.dumps(e.value.status)
+    assert "blocks: router 3, model 2" in msg
+
+
+def test_bad_option_is_rejected_at_validation(server):
+    p = wan_prompt("wan_mix.safetensors", window="2,3,3", prefix="badopt")
+    with pytest.raises(h.PromptRejected) as e:
+        server.run(p)
+    assert "window must be odd" in json.dumps(e.value.body)
+
+
+def test_hunyuan_video_routes_video_tokens_with_text_after(server):
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_hunyuan.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "hy_mix.safetensors"}},
+        "3": {"class_type": "VortaApply", "inputs": {
+            "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,2", "window": "1,1,1", "bucket": "2,2,2",
+            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}},
+        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": 7, "pooled": True}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                                                    "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 0],
+                                                    "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "hy"}},
+        "9": {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 2,
+                                                              "scheduler": "simple", "latent": ["7", 0]}},
+    }
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["1221"] * 2
+    log = server.log.read_text()
+    assert "routed attention failed" not in log
+    assert torch.isfinite(saved_latent(server, "hy")).all()
