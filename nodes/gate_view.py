@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import comfy.samplers
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
@@ -42,8 +43,6 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
         options = state.options if state is not None else VortaOptions()
     ms = model.get_model_object("model_sampling")
     if sigmas is None:
-        import comfy.samplers
-
         sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
     sigmas = sigmas.reshape(-1).float().cpu()
     n = len(sigmas) - 1
@@ -95,7 +94,7 @@ class VortaGateVisualizer(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default="predicted",
                                tooltip="predicted: from router and schedule; last run: what the patched model executed."),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Schedule length when no sigmas are connected."),
-                io.Combo.Input("scheduler", options=["simple", "normal", "karras", "exponential", "sgm_uniform", "beta", "linear_quadratic", "ddim_uniform"], default="simple"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple"),
                 Router.Input("router", optional=True),
                 io.Sigmas.Input("sigmas", optional=True, tooltip="The sampler's sigmas; overrides steps and scheduler."),
                 io.Latent.Input("latent", optional=True, tooltip="Connect the sampler's output so 'last run' runs after it."),

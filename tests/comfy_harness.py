@@ -210,3 +210,43 @@ class PromptFailed(Exception):
     def __init__(self, status):
         super().__init__(f"prompt failed: {json.dumps(status)[:3000]}")
         self.status = status
+
+
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a frontend (UI format) workflow into an API prompt, the way the frontend does:
+    widget values in schema order (a seed widget carries one extra 'control after generate'
+    value), links by input name."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        if node["type"] not in object_info:
+            raise KeyError(f"node {node['id']}: type {node['type']!r} is not known to this ComfyUI")
+        info = object_info[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        widgets = list(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                kind = spec[0] if isinstance(spec[0], str) else "COMBO"
+                if name in linked:
+                    l = linked[name]
+                    inputs[name] = [str(l[1]), l[2]]
+                    if kind in WIDGET_TYPES and section == "required":
+                        widgets.pop(0)  # a widget converted to an input keeps its slot
+                elif kind in WIDGET_TYPES:
+                    if not widgets:
+                        raise ValueError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
+                    inputs[name] = widgets.pop(0)
+                    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    if kind == "INT" and opts.get("control_after_generate"):
+                        widgets.pop(0)
+        if widgets:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(widgets)} widget values left over: {widgets}")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

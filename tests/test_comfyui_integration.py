@@ -176,3 +176,28 @@ def test_hunyuan_video_routes_video_tokens_with_text_after(server):
     log = server.log.read_text()
     assert "routed attention failed" not in log
     assert torch.isfinite(saved_latent(server, "hy")).all()
+
+
+WORKFLOWS = sorted((h.ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_converts_and_validates(server, path):
+    wf = json.loads(path.read_text())
+    info = server.get("/object_info")
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:  # links agree with both ends and the schemas
+        assert nodes[src]["outputs"][sslot]["type"] == typ and lid in nodes[src]["outputs"][sslot]["links"]
+        assert nodes[dst]["inputs"][dslot]["link"] == lid
+        assert info[nodes[src]["type"]]["output"][sslot] == typ
+    assert any(n["type"] == "Note" and "models/vorta_routers" in n["widgets_values"][0] for n in wf["nodes"])
+    assert {"VortaRouterLoader", "VortaApply", "VortaGateVisualizer"} <= {n["type"] for n in wf["nodes"]}
+    prompt = h.ui_to_api(wf, info)
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": "vorta-tests"})
+    # the real model files are not here: the only errors allowed are missing files in file combos
+    assert code == 400, body
+    errors = [(nid, e) for nid, ne in body["node_errors"].items() for e in ne["errors"]]
+    assert errors
+    for nid, e in errors:
+        assert e["type"] == "value_not_in_list", (nid, e)
+        assert e["extra_info"]["input_name"].endswith(("_name", "_name1", "_name2")), (nid, e)
