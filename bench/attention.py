@@ -1,0 +1,233 @@
+"""Attention benchmark (not a test): VORTA branches vs dense attention, one call, same process.
+
+    python -m bench.attention [--shapes wan14b-720p,...] [--mix 0.002] [--iters 10]
+
+For each shape: dense SDPA with the cuDNN and flash backends (and flash-attn when it imports),
+sliding tile with FlexAttention and with the Triton kernel (official and block-aligned tiles),
+core-set with the torch path (official-style gather/scatter + SDPA) and the Triton path, and a
+routed layer with a branch mix. Reports ms, speed-up vs the best dense, TFLOP/s per kept block
+relative to dense (padding counted as work), and max abs error against a reference on sampled
+query rows. Writes bench/results/attention-<gpu>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vorta_ops.coreset import CoresetConfig, coreset_attention
+from vorta_ops.dispatch import RoutedConfig, routed_attention
+from vorta_ops.full import FLASH_ATTN_AVAILABLE
+from vorta_ops.layout import TileLayout
+from vorta_ops.router import CORESET, FULL, SLIDING
+from vorta_ops.sliding_tile import (
+    ALIGNED_TILE,
+    FLEX_BLOCK,
+    HUNYUAN_TILE,
+    WAN_TILE,
+    SlidingTileConfig,
+    _token_tiles,
+    available_backends,
+    sliding_tile_flex,
+    tile_window_tables,
+)
+
+SHAPES = {
+    "wan1.3b-480p": dict(grid=(21, 30, 52), heads=12, tile=WAN_TILE),
+    "wan14b-720p": dict(grid=(20, 45, 80), heads=40, tile=WAN_TILE),
+    "hunyuan-720p": dict(grid=(30, 45, 80), heads=24, tile=HUNYUAN_TILE),
+}
+HEAD_DIM = 128
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timeit(fn, warmup=3, iters=10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def sliding_kept_flops(layout: TileLayout, cfg: SlidingTileConfig, B: int, H: int, D: int) -> float:
+    """4*D*(query slots x key slots visited), padded tile slots counted as work."""
+    _, _, span = tile_window_tables(layout, cfg)
+    keys_per_tile = int(torch.prod(span)) * layout.tile_len
+    return 4.0 * D * layout.num_tiles * layout.tile_len * keys_per_tile * B * H
+
+
+def sampled_sliding_reference(q, k, v, grid, cfg, rows):
+    """Exact sliding-tile attention for the query rows `rows` only (mask rows built directly)."""
+    coords = _token_tiles(grid, cfg.tile, 0, 0, q.device)
+    n = torch.tensor([-(-g // t) for g, t in zip(grid, cfg.tile)], device=q.device)
+    r = torch.tensor([w // 2 for w in cfg.window], device=q.device)
+    centre = torch.maximum(torch.minimum(coords[rows], n - 1 - r), r)
+    mask = ((centre[:, None, :] - coords[None, :, :]).abs() <= r).all(-1)
+    return F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask[None, None])
+
+
+def run_shape(name, spec, mix_full, iters, rows_n=1024):
+    grid, H, D, B = spec["grid"], spec["heads"], HEAD_DIM, 1
+    L = math.prod(grid)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    rows = torch.randperm(L, generator=torch.Generator().manual_seed(0))[:rows_n].cuda()
+    dense_flops = 4.0 * D * L * L * B * H
+    out = []
+
+    def add(method, ms, flops=None, err=None, note=""):
+        out.append(dict(shape=name, grid=list(grid), heads=H, head_dim=D, tokens=L, method=method, ms=round(ms, 3),
+                        kept_flops=flops, max_abs_err=err, note=note))
+        print(f"{name:>14} {method:<34} {ms:9.2f} ms  {note}", flush=True)
+
+    ref_dense = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float())
+    for method, backend in (("dense sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("dense sdpa flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(q, k, v)
+                err = float((o[:, :, rows].float() - ref_dense).abs().max())
+                add(method, timeit(lambda: F.scaled_dot_product_attention(q, k, v), iters=iters), dense_flops, err)
+        except RuntimeError as e:
+            print(f"  {method} unavailable: {e}")
+    if FLASH_ATTN_AVAILABLE:
+        from flash_attn import flash_attn_func
+
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        add("flash-attn", timeit(lambda: flash_attn_func(qt, kt, vt), iters=iters), dense_flops)
+
+    backends = available_backends()
+    for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
+        cfg = SlidingTileConfig(tile)
+        lay = TileLayout(grid, tile, FLEX_BLOCK)
+        flops = sliding_kept_flops(lay, cfg, B, H, D)
+        ref = sampled_sliding_reference(q, k, v, grid, cfg, rows)
+        for bk in ("flex", "triton"):
+            if bk not in backends:
+                continue
+            fn = (lambda: sliding_tile_flex(q, k, v, grid, cfg)) if bk == "flex" else (
+                lambda: routed_attention(q, k, v, [SLIDING] * H, grid, RoutedConfig(cfg, sliding_backend="triton")))
+            o = fn()
+            err = float((o[:, :, rows].float() - ref).abs().max())
+            add(f"sliding {bk} {label} {tile}", timeit(fn, iters=iters), flops, err,
+                f"tile_len {lay.tile_len}, pad {lay.padding_fraction:.1%}")
+
+    ccfg = CoresetConfig()
+    keep_tokens = None
+    o_ref = coreset_attention(q, k, v, grid, ccfg)
+    for bk in ("torch", "triton"):
+        if bk == "torch":
+            fn = lambda: coreset_attention(q, k, v, grid, ccfg)
+        else:
+            try:
+                from vorta_ops.kernels.coreset_triton import coreset_triton
+            except Exception as e:  # not built yet / import error
+                print(f"  coreset triton unavailable: {e}")
+                continue
+            fn = lambda: coreset_triton(q, k, v, grid, ccfg)
+        o = fn()
+        from vorta_ops.coreset import bucket_index
+
+        bi = bucket_index(grid, ccfg.bucket)
+        keep_tokens = bi.centre.numel() * ccfg.n_keep + bi.rest.numel()
+        err = float((o.float() - o_ref.float()).abs().max()) if bk != "torch" else 0.0
+        add(f"coreset {bk} keep {ccfg.keep_ratio}", timeit(fn, iters=iters), 4.0 * D * keep_tokens**2 * B * H, err,
+            f"core-set {keep_tokens} tokens")
+    if keep_tokens:
+        qc = q[:, :, :keep_tokens]
+        add("sdpa on core-set size (floor)", timeit(lambda: F.scaled_dot_product_attention(qc, qc, qc), iters=iters),
+            4.0 * D * keep_tokens**2 * B * H)
+
+    n_full = round(H * mix_full)
+    n_slide = (H - n_full) // 2
+    branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (H - n_full - n_slide)
+    for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
+        for bk in [b for b in ("triton", "flex") if b in backends][:1]:
+            cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, bk)
+            fn = lambda: routed_attention(q, k, v, branches, grid, cfg)
+            add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c", timeit(fn, iters=iters), None, None)
+    return out
+
+
+def finish(rows):
+    by_shape = {}
+    for r in rows:
+        by_shape.setdefault(r["shape"], []).append(r)
+    for shape_rows in by_shape.values():
+        dense = [r for r in shape_rows if r["method"].startswith(("dense", "flash-attn"))]
+        best = min(dense, key=lambda r: r["ms"])
+        best_tflops = best["kept_flops"] / best["ms"] / 1e9
+        for r in shape_rows:
+            r["speedup_vs_dense_best"] = round(best["ms"] / r["ms"], 3)
+            r["dense_best"] = best["method"]
+            tf = r["kept_flops"] / r["ms"] / 1e9 if r["kept_flops"] else None
+            r["tflops"] = round(tf, 1) if tf else None
+            r["kept_block_tflops_ratio"] = round(tf / best_tflops, 3) if tf else None
+    return rows
+
+
+def _fmt_err(e):
+    return "" if e is None else f"{e:.2e}"
+
+
+def write(rows, meta):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    gpu = meta["device"].lower().replace(" ", "-")
+    base = RESULTS / f"attention-{gpu}"
+    for r in rows:
+        r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
+    base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [f"# Attention benchmark on {meta['device']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, head dim {HEAD_DIM}, batch 1, one call; median of {meta['iters']} runs. "
+             f"Speed-up is against the best dense SDPA backend of the same run; TFLOP/s ratio is per kept block (padding counted as work) vs that dense. "
+             f"Errors: max abs vs exact references on {meta['rows']} sampled query rows (sliding, dense) or vs the torch core-set path (core-set).", "",
+             "| shape | method | ms | x vs dense | TFLOP/s | kept-block TFLOP/s ÷ dense | max abs err | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['method']} | {r['ms']:.2f} | {r['speedup_vs_dense_best']:.2f} | {r['tflops'] or ''} | "
+                     f"{r['kept_block_tflops_ratio'] if r['kept_block_tflops_ratio'] is not None else ''} | "
+                     f"{_fmt_err(r['max_abs_err'])} | {r['note']} |")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("wrote", base.with_suffix(".json"), base.with_suffix(".md"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--mix", type=float, default=0.002, help="share of full-attention heads in the routed layer")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rows", type=int, default=1024)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.attention needs a CUDA GPU; timings are only meaningful there")
+    import triton
+
+    try:
+        from vorta_ops.kernels import sliding_tile_triton
+
+        sliding_tile_triton.register()
+    except Exception as e:
+        print(f"triton sliding-tile kernel unavailable: {e}")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                iters=a.iters, rows=a.rows, python=platform.python_version())
+    rows = []
+    for name in a.shapes.split(","):
+        rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows)
+        torch.cuda.empty_cache()
+    write(finish(rows), meta)
+
+
+if __name__ == "__main__":
+    main()
