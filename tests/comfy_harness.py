@@ -115,7 +115,48 @@ TEST_NODES = textwrap.dedent(
             m.model_options["transformer_options"]["optimized_attention_override"] = override
             return (m,)
 
-    NODE_CLASS_MAPPINGS = {"VortaTestConditioning": VortaTestConditioning, "VortaTestOverride": VortaTestOverride}
+    class VortaTestReferenceOverride:
+        # after VORTA Apply: recomputes every routed self-attention call with vorta_ops' plain
+        # references (per head: SDPA, loop core-set, masked-dense sliding tile), from the grid and
+        # table VORTA's own hooks put in transformer_options
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"model": ("MODEL",)}}
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, model):
+            import torch.nn.functional as F
+            from vorta_ops.coreset import coreset_reference
+            from vorta_ops.sliding_tile import sliding_tile_reference
+            m = model.clone()
+            def override(func, *args, **kwargs):
+                to = kwargs["transformer_options"]
+                fwd, block = to.get("vorta_forward"), to.get("vorta_block")
+                q, k, v = args[:3]
+                heads = kwargs.get("heads")
+                if fwd is None or block is None or q.shape != k.shape or q.shape[1] != fwd.n_grid:
+                    return func(*args, **kwargs)
+                B, L, HD = q.shape
+                D = HD // heads
+                qh, kh, vh = (x.view(B, L, heads, D).transpose(1, 2) for x in (q, k, v))
+                outs = []
+                for h, b in enumerate(fwd.table[block].tolist()):
+                    s = slice(h, h + 1)
+                    if b == 0:
+                        o = F.scaled_dot_product_attention(qh[:, s], kh[:, s], vh[:, s])
+                    elif b == 1:
+                        o = coreset_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.coreset).to(q.dtype)
+                    else:
+                        o = sliding_tile_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.sliding)
+                    outs.append(o)
+                return torch.cat(outs, 1).transpose(1, 2).reshape(B, L, HD)
+            m.model_options["transformer_options"]["optimized_attention_override"] = override
+            return (m,)
+
+    NODE_CLASS_MAPPINGS = {"VortaTestConditioning": VortaTestConditioning, "VortaTestOverride": VortaTestOverride,
+                           "VortaTestReferenceOverride": VortaTestReferenceOverride}
     """
 )
 

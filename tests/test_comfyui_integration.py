@@ -127,6 +127,18 @@ def test_all_full_router_is_bit_identical_and_the_original_model_is_untouched(se
     assert torch.isfinite(routed).all()
 
 
+def test_routed_output_equals_the_reference_routed_computation(server):
+    server.run(wan_prompt("wan_live.safetensors", prefix="fast", tile="1,2,3", window="1,3,1"))
+    ref = wan_prompt("wan_live.safetensors", prefix="slow", tile="1,2,3", window="1,3,1", extra={
+        "30": {"class_type": "VortaTestReferenceOverride", "inputs": {"model": ["3", 0]}}})
+    ref["7"]["inputs"]["model"] = ["30", 0]
+    server.run(ref)
+    fast, slow = saved_latent(server, "fast"), saved_latent(server, "slow")
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    server.run(wan_prompt(prefix="plain_ref"))
+    assert (fast - saved_latent(server, "plain_ref")).abs().max() > 1e-3  # and it is not just dense
+
+
 def test_chains_to_an_earlier_override(server, tmp_path):
     log_mix, log_full = tmp_path / "mix.txt", tmp_path / "full.txt"
     server.run(wan_prompt("wan_mix.safetensors", prefix="chain_mix", override_file=log_mix))
