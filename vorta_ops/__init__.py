@@ -26,6 +26,32 @@ from .sliding_tile import (
 
 __version__ = "0.1.0"
 
+
+def _register_kernels() -> None:
+    """Plug the Triton kernels in as the "triton" backends where they can run (CUDA, or the
+    interpreter for tests); otherwise FlexAttention / torch serve, and the log says why."""
+    import logging
+    import os
+
+    import torch
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    try:
+        from . import coreset, sliding_tile
+        from .kernels import coreset_triton, sliding_tile_triton
+
+        sliding_tile.register_backend("triton", sliding_tile_triton.sliding_tile_triton)
+        coreset.register_backend("triton", coreset_triton.coreset_triton)
+    except Exception as e:  # no triton, or a triton too old for the kernels
+        logging.getLogger("vorta").warning(
+            "VORTA: Triton kernels unavailable (%s: %s); sliding tile uses FlexAttention and core-set the torch path. "
+            "Fix: pip install -U triton", type(e).__name__, e,
+        )
+
+
+_register_kernels()
+
 __all__ = [
     "TileLayout", "check_grid",
     "full_attention", "FLASH_ATTN_AVAILABLE",

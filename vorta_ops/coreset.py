@@ -35,6 +35,8 @@ __all__ = [
     "coreset_select",
     "coreset_attention",
     "coreset_reference",
+    "coreset_branch",
+    "register_backend",
 ]
 
 DEFAULT_BUCKET: Grid = (2, 3, 2)
@@ -164,6 +166,27 @@ def coreset_attention(
     else:
         oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale)
     return _gather_tokens(oc, q_back)
+
+
+# ---- backends ----------------------------------------------------------------------------
+
+_BACKENDS = {"torch": coreset_attention}
+
+
+def register_backend(name: str, fn) -> None:
+    """Plug in a faster implementation with the signature of coreset_attention."""
+    _BACKENDS[name] = fn
+
+
+def coreset_branch(q, k, v, grid, cfg: CoresetConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, backend="auto"):
+    """Core-set attention through a backend: "torch", "triton" (fused select/gather/expand), or
+    "auto" (triton on CUDA when registered, else torch)."""
+    name = backend
+    if backend == "auto":
+        name = "triton" if q.is_cuda and "triton" in _BACKENDS else "torch"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown core-set backend {backend!r}; available: {sorted(_BACKENDS)} or 'auto'")
+    return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
 
 
 # ---- naive reference (loops; tests only) -----------------------------------------------------

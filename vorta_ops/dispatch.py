@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .coreset import CoresetConfig, coreset_attention
+from .coreset import CoresetConfig, coreset_branch
 from .full import full_attention
 from .router import CORESET, FULL, SLIDING
 from .sliding_tile import SlidingTileConfig, sliding_tile_attention
@@ -25,6 +25,7 @@ class RoutedConfig:
     sliding: SlidingTileConfig = field(default_factory=SlidingTileConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     sliding_backend: str = "auto"
+    coreset_backend: str = "auto"
 
 
 def head_groups(branches) -> dict[int, list[int]]:
@@ -50,7 +51,9 @@ def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv
             return full_fn(q, k, v)
         return full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
     if branch == CORESET:
-        return coreset_attention(q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+        return coreset_branch(
+            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend
+        )
     return sliding_tile_attention(
         q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend
     )

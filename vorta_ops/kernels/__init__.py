@@ -1,0 +1,1 @@
+"""Triton kernels for vorta_ops (imported lazily; triton is optional)."""
