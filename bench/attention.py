@@ -226,7 +226,7 @@ def main(argv=None):
     for name in a.shapes.split(","):
         rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows)
         torch.cuda.empty_cache()
-    write(finish(rows), meta)
+        write(finish(rows), meta)  # after every shape, so a cut-off run keeps what it measured
 
 
 if __name__ == "__main__":
