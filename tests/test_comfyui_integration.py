@@ -213,3 +213,12 @@ def test_workflow_converts_and_validates(server, path):
     for nid, e in errors:
         assert e["type"] == "value_not_in_list", (nid, e)
         assert e["extra_info"]["input_name"].endswith(("_name", "_name1", "_name2")), (nid, e)
+
+
+def test_fp8_weights_route_too(server):
+    """Only attention is touched: a model loaded with fp8 weights (manual cast) routes the same way."""
+    p = wan_prompt("wan_mix.safetensors", prefix="fp8")
+    p["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["1221"] * 3
+    assert torch.isfinite(saved_latent(server, "fp8")).all()
