@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from vorta_ops.router import BRANCH_NAMES, decision_shares
 from vorta_ops.viz import render_decisions
 
+from .gate_data import summarize, web_payload
 from .models import check_router_fits, inspect_model
 from .patch import STATE_KEY, VortaOptions, VortaState
 from .router_loader import Router
@@ -59,25 +59,6 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
         tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device), i, n))
         labels.append(f"step {i} (t={t:.0f})")
     return torch.stack(tables), labels, "VORTA predicted routing"
-
-
-def summarize(tables: torch.Tensor, labels) -> str:
-    lines = [f"{'':<18} " + " ".join(f"{n:>12}" for n in BRANCH_NAMES)]
-    for t, label in zip(tables, labels):
-        sh = decision_shares(t)
-        lines.append(f"{label:<18} " + " ".join(f"{sh[n] * 100:>11.1f}%" for n in BRANCH_NAMES))
-    sh = decision_shares(tables)
-    lines.append(f"{'all steps':<18} " + " ".join(f"{sh[n] * 100:>11.1f}%" for n in BRANCH_NAMES))
-    return "\n".join(lines)
-
-
-def web_payload(tables: torch.Tensor, labels) -> dict:
-    """Compact data for the web widget: one string of branch digits per step."""
-    S, Bk, H = tables.shape
-    return {
-        "blocks": Bk, "heads": H, "branches": list(BRANCH_NAMES), "labels": list(labels),
-        "steps": ["".join(map(str, t.reshape(-1).tolist())) for t in tables],
-    }
 
 
 class VortaGateVisualizer(io.ComfyNode):

@@ -222,3 +222,12 @@ def test_fp8_weights_route_too(server):
     entry = server.run(p)
     assert gates(entry, "9")["steps"] == ["1221"] * 3
     assert torch.isfinite(saved_latent(server, "fp8")).all()
+
+
+def test_web_extension_is_served(server):
+    listed = server.get("/extensions")
+    assert "/extensions/comfyui-vorta/vorta_gates.js" in listed
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/extensions/comfyui-vorta/vorta_gates_draw.js") as r:
+        assert b"export function drawGates" in r.read()
