@@ -178,15 +178,24 @@ def register_backend(name: str, fn) -> None:
     _BACKENDS[name] = fn
 
 
-def coreset_branch(q, k, v, grid, cfg: CoresetConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, backend="auto"):
+_WRITES_OUT = {"triton"}  # backends that write into a given output view themselves
+
+
+def coreset_branch(
+    q, k, v, grid, cfg: CoresetConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, backend="auto", out=None
+):
     """Core-set attention through a backend: "torch", "triton" (fused select/gather/expand), or
-    "auto" (triton on CUDA when registered, else torch)."""
+    "auto" (triton on CUDA when registered, else torch). ``out``: optional [B, H, L, D] view to
+    write the result into (dispatch passes a slice of the layer's output)."""
     name = backend
     if backend == "auto":
         name = "triton" if q.is_cuda and "triton" in _BACKENDS else "torch"
     if name not in _BACKENDS:
         raise ValueError(f"unknown core-set backend {backend!r}; available: {sorted(_BACKENDS)} or 'auto'")
-    return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+    if out is not None and name in _WRITES_OUT:
+        return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
+    res = _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+    return res if out is None else out.copy_(res)
 
 
 # ---- naive reference (loops; tests only) -----------------------------------------------------

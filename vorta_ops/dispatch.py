@@ -45,17 +45,17 @@ def _heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return x.index_select(1, torch.tensor(idx, device=x.device))
 
 
-def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale, full_fn):
+def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale, full_fn, out=None):
+    """One branch on a head subset; writes into ``out`` (a view of the layer output) when given."""
     if branch == FULL:
-        if full_fn is not None:
-            return full_fn(q, k, v)
-        return full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
+        res = full_fn(q, k, v) if full_fn is not None else full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
+        return res if out is None else out.copy_(res)
     if branch == CORESET:
         return coreset_branch(
-            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend
+            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend, out=out
         )
     return sliding_tile_attention(
-        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend
+        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend, out=out
     )
 
 
@@ -87,13 +87,14 @@ def routed_attention(
     if len(groups) == 1:
         (branch,) = groups
         return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn)
-    out = q.new_empty(q.shape)
+    out = torch.empty_like(q)  # keeps q's memory layout: ComfyUI's [B, L, H*D] reshape stays a view
     for branch, idx in groups.items():
+        run = idx == list(range(idx[0], idx[-1] + 1))
+        target = out[:, idx[0] : idx[-1] + 1] if run else None
         res = _run_branch(
-            branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn
+            branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn,
+            target,
         )
-        if idx == list(range(idx[0], idx[-1] + 1)):
-            out[:, idx[0] : idx[-1] + 1] = res
-        else:
+        if not run:
             out.index_copy_(1, torch.tensor(idx, device=q.device), res)
     return out

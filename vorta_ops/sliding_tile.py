@@ -202,9 +202,15 @@ def sliding_tile_flex(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffi
 _BACKENDS = {"reference": sliding_tile_reference, "flex": sliding_tile_flex}
 
 
-def register_backend(name: str, fn) -> None:
-    """Plug in a faster implementation with the signature of sliding_tile_reference."""
+_WRITES_OUT: set[str] = set()  # backends that take out= and write into it themselves
+
+
+def register_backend(name: str, fn, writes_out: bool = False) -> None:
+    """Plug in a faster implementation with the signature of sliding_tile_reference (plus an
+    ``out=`` keyword when ``writes_out``)."""
     _BACKENDS[name] = fn
+    if writes_out:
+        _WRITES_OUT.add(name)
 
 
 def available_backends() -> list[str]:
@@ -219,10 +225,14 @@ def _auto_backend(q) -> str:
 
 def sliding_tile_attention(
     q, k, v, grid, cfg: SlidingTileConfig = SlidingTileConfig(), n_prefix: int = 0, n_suffix: int = 0,
-    *, kv_mask=None, scale=None, backend: str = "auto",
+    *, kv_mask=None, scale=None, backend: str = "auto", out=None,
 ):
-    """Sliding-tile attention. q, k, v: [B, H, L, D] in the original order -> [B, H, L, D]."""
+    """Sliding-tile attention. q, k, v: [B, H, L, D] in the original order -> [B, H, L, D].
+    ``out``: optional [B, H, L, D] view to write the result into."""
     name = _auto_backend(q) if backend == "auto" else backend
     if name not in _BACKENDS:
         raise ValueError(f"unknown sliding-tile backend {backend!r}; available: {available_backends()} or 'auto'")
-    return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+    if out is not None and name in _WRITES_OUT:
+        return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
+    res = _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+    return res if out is None else out.copy_(res)
