@@ -1,5 +1,8 @@
 """The Triton sliding-tile kernel (vorta_ops/kernels/sliding_tile_triton.py) against
-sliding_tile_reference, run on CPU under TRITON_INTERPRET=1 at tiny sizes.
+sliding_tile_reference, run on CPU under TRITON_INTERPRET=1 at tiny sizes: original-order inputs
+of any strides ([B, L, H, D] memory, head-subset views, mixed), out= into strided buffers, prefix /
+suffix extras, kv masks, grids that cut tiles in t, h and w, layout blocks 16 to 128 (and the
+choice of layout_block()), kernel blocks from 16 to 128 (BLOCK_N larger than the layout block too).
 
 TRITON_INTERPRET must be set before triton is imported, so the cases run in worker subprocesses
 (two in parallel) with that variable set; this file itself never imports triton or vorta_ops.
@@ -24,34 +27,61 @@ TIMEOUT_S = 300
 
 TOL = {"float32": (1e-5, 1e-4), "float16": (2e-3, 2e-3), "bfloat16": (2e-2, 2e-2)}  # (atol, rtol)
 
-# api: "fwd" = sliding_tile_fwd on tiled tensors (kernel blocks from `cfg`), "backend" = the
-# registered "triton" backend through sliding_tile_attention (LAYOUT_BLOCK lowered to `block`).
+# api: "forward" = sliding_tile_forward on original-order tensors with an explicit layout block
+# `block` and kernel blocks `cfg` (BLOCK_M, BLOCK_N); "backend" = the registered "triton" backend
+# through sliding_tile_attention (LAYOUT_BLOCK set to `block`; None = layout_block(tile) picks);
+# "fwd" = the compatibility entry sliding_tile_fwd on tiled tensors.
+# mem: "bhld" contiguous [B, H, L, D]; "blhd" [B, L, H, D] memory seen as [B, H, L, D] (ComfyUI);
+# "heads" a head-subset view (heads 1..H of a [B, L, H + 3, D] buffer); "mixed": one of each
+# (q, k, v with three different row strides).
+# out: None (allocated, must keep q's memory layout); "blhd" = a [B, L, H, D] buffer viewed as
+# [B, H, L, D]; "step2" = a view with last-dim stride 2 (computed, then copied in).
 # mask_all: VORTA_STA_MASK_ALL=1 (bias on every key block instead of the geometry masking).
-# kv: None, "random" (random key mask incl. extras), "none_b1" (batch 1 masks every key: rows
-# without any valid key must be 0, like SDPA).
-_BASE = dict(pre=0, suf=0, block=16, cfg=(16, 16), D=64, dtype="float32", B=1, H=1, kv=None, api="fwd",
-             strided=False, mask_all=False)
+# kv: None, "random" (random key mask incl. extras and grid keys), "suffix" (only trailing suffix
+# tokens masked: the text-padding case, grid keys on the geometry path), "none_b1" (batch 1 masks
+# every key: rows without any valid key must be 0, like SDPA).
+_BASE = dict(pre=0, suf=0, block=16, cfg=(16, 16), D=64, dtype="float32", B=1, H=1, kv=None, api="forward",
+             mem="bhld", out=None, mask_all=False)
 CASES = {
     "all_tiles_no_extras": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), H=2),
     "extras_prefix_suffix": dict(grid=(3, 5, 4), tile=(2, 3, 2), window=(3, 3, 3), pre=3, suf=5),
     "tile_1x4x4_window_1x3x3_block32": dict(grid=(4, 4, 8), tile=(1, 4, 4), window=(1, 3, 3), suf=7, block=32,
                                             cfg=(16, 32)),
-    "dead_key_blocks_partial_tiles": dict(grid=(3, 5, 8), tile=(2, 3, 4), window=(3, 3, 3), suf=3),
+    "cut_tiles_t_h_w": dict(grid=(3, 5, 11), tile=(2, 3, 2), window=(3, 3, 3), suf=3),
     "block32_bm32_bn16": dict(grid=(3, 5, 8), tile=(2, 3, 4), window=(3, 3, 3), pre=2, block=32, cfg=(32, 16)),
-    "sliding_clamped_window": dict(grid=(5, 7, 8), tile=(2, 2, 3), window=(1, 3, 3), pre=2),
+    "bn_larger_than_block": dict(grid=(3, 5, 7), tile=(2, 2, 3), window=(3, 3, 3), pre=1, suf=2, cfg=(16, 32)),
+    "sliding_clamped_window": dict(grid=(5, 7, 8), tile=(2, 2, 2), window=(1, 3, 3), pre=2),
     "window_1x1x1_odd_grid": dict(grid=(5, 3, 5), tile=(2, 2, 2), window=(1, 1, 1), suf=1),
     "grid_smaller_than_tile_mask_all": dict(grid=(1, 3, 6), tile=(2, 2, 4), window=(3, 3, 3), pre=1, suf=1, H=2,
                                             mask_all=True),
-    "kv_mask_random": dict(grid=(5, 7, 8), tile=(2, 2, 3), window=(3, 3, 1), suf=5, B=2, kv="random"),
+    "kv_mask_random": dict(grid=(5, 6, 4), tile=(2, 2, 3), window=(3, 3, 1), suf=5, B=2, kv="random"),
     "kv_mask_fp16": dict(grid=(3, 5, 8), tile=(2, 3, 4), window=(3, 3, 3), pre=4, suf=3, B=2, kv="random",
                          dtype="float16"),
     "kv_mask_fully_masked_batch": dict(grid=(2, 4, 4), tile=(1, 2, 2), window=(3, 3, 3), suf=2, B=2,
                                        kv="none_b1"),
-    "bf16": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=1, suf=4, H=2, dtype="bfloat16"),
+    "bf16_blhd_inputs": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=1, suf=4, H=2, dtype="bfloat16",
+                             mem="blhd"),
     "head_dim_128": dict(grid=(2, 4, 4), tile=(1, 4, 4), window=(3, 3, 3), suf=2, D=128),
-    "strided_bhld_inputs": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=2, B=2, H=2, strided=True),
+    "blhd_inputs_blhd_out": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=2, H=2, mem="blhd",
+                                 out="blhd"),
+    "head_subset_views_out_step2": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), suf=2, H=2,
+                                        mem="heads", out="step2"),
     "backend_api_kv_mask": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), pre=1, suf=2, H=2, block=32,
-                                kv="random", api="backend"),
+                                kv="random", api="backend", mem="heads"),
+    # layout block from layout_block(tile): 24 tokens -> 64 slots; 72 tokens -> 128 (cut in h and w)
+    "auto_layout_block_64_kv_suffix": dict(grid=(3, 5, 8), tile=(2, 3, 4), window=(3, 3, 3), suf=6, B=2,
+                                           block=None, kv="suffix", api="backend", mem="blhd"),
+    "auto_layout_block_128": dict(grid=(3, 5, 7), tile=(3, 4, 6), window=(1, 3, 3), pre=2, block=None,
+                                  api="backend", mem="blhd", dtype="bfloat16"),
+    "legacy_tiled_fwd": dict(grid=(3, 5, 4), tile=(2, 3, 2), window=(3, 3, 3), pre=2, suf=1, B=2, kv="random",
+                             api="fwd"),
+    "mixed_strides_pre_suf": dict(grid=(3, 4, 5), tile=(2, 2, 3), window=(3, 3, 3), pre=2, suf=3, H=2,
+                                  mem="mixed"),
+    "blocks_64x64_layout64": dict(grid=(4, 9, 8), tile=(2, 3, 8), window=(3, 3, 3), suf=3, block=64, cfg=(64, 64),
+                                  mem="blhd", dtype="bfloat16"),
+    "blocks_128x128_layout128": dict(grid=(4, 8, 16), tile=(2, 8, 8), window=(3, 3, 3), pre=1, block=128,
+                                     cfg=(128, 128), mem="blhd"),
+    "layout_block_choice": dict(grid=(1, 1, 1), tile=(1, 1, 1), window=(1, 1, 1)),  # layout_block() values only
 }
 CASES = {name: {**_BASE, **c} for name, c in CASES.items()}
 
@@ -72,33 +102,59 @@ cases = json.loads(sys.argv[1])
 stt.register()
 
 
+def make_qkv(c, B, H, L, D, dtype):
+    if c["mem"] == "heads":  # heads 1..H of a wider [B, L, H + 3, D] buffer: strided, non-dense views
+        return [torch.randn(B, L, H + 3, D).to(dtype).transpose(1, 2)[:, 1 : H + 1] for _ in range(3)]
+    qkv = [torch.randn(B, L, H, D).to(dtype).transpose(1, 2) for _ in range(3)]  # [B, H, L, D] views
+    if c["mem"] == "bhld":
+        qkv = [x.contiguous() for x in qkv]
+    elif c["mem"] == "mixed":  # q [B, L, H, D] memory, k contiguous, v a head subset: three strides
+        qkv[1] = qkv[1].contiguous()
+        qkv[2] = torch.randn(B, L, H + 2, D).to(dtype).transpose(1, 2)[:, 2:]
+    return qkv
+
+
 def run(name, c):
     torch.manual_seed(zlib.crc32(name.encode()))
     grid, pre, suf, B, H, D = tuple(c["grid"]), c["pre"], c["suf"], c["B"], c["H"], c["D"]
     cfg = SlidingTileConfig(tuple(c["tile"]), tuple(c["window"]))
     L = pre + math.prod(grid) + suf
     dtype = DT[c["dtype"]]
-    q, k, v = (torch.randn(B, L, H, D).to(dtype).transpose(1, 2) for _ in range(3))  # [B, H, L, D] views
-    if not c["strided"]:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = make_qkv(c, B, H, L, D, dtype)
     kv_mask = None
     if c["kv"] == "random":
         kv_mask = torch.rand(B, L) < 0.7
+    elif c["kv"] == "suffix":
+        kv_mask = torch.ones(B, L, dtype=torch.bool)
+        kv_mask[0, -2:] = False
+        kv_mask[1, -4:] = False
     elif c["kv"] == "none_b1":
         kv_mask = torch.ones(B, L, dtype=torch.bool)
         kv_mask[1] = False
     os.environ["VORTA_STA_MASK_ALL"] = "1" if c["mask_all"] else "0"  # bias on every key block
     ref = sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, pre, suf, kv_mask=kv_mask)
+    out_buf = None
+    if c["out"] == "blhd":
+        out_buf = torch.full((B, L, H, D), float("nan"), dtype=dtype).transpose(1, 2)
+    elif c["out"] == "step2":
+        out_buf = torch.full((B, H, L, 2 * D), float("nan"), dtype=dtype)[..., ::2]
     if c["api"] == "backend":
         stt.LAYOUT_BLOCK = c["block"]
+        if c["block"] is None:
+            blk = stt.layout_block(cfg.tile)
+            assert blk == (64 if math.prod(cfg.tile) <= 64 else 128), (cfg.tile, blk)
         out = sliding_tile_attention(q, k, v, grid, cfg, pre, suf, kv_mask=kv_mask, backend="triton")
-    else:
+    elif c["api"] == "forward":
         layout = TileLayout(grid, cfg.tile, c["block"], pre, suf)
-        if c["strided"]:  # tiled tensors that are [B, L, H, D] in memory
-            qt, kt, vt = (layout.to_tiled(x).transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-            assert qt.stride(2) == H * D
-        else:
-            qt, kt, vt = (layout.to_tiled(x) for x in (q, k, v))
+        cfg_k = dict(BLOCK_M=c["cfg"][0], BLOCK_N=c["cfg"][1])
+        out = stt.sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, out=out_buf, config=cfg_k)
+        if out_buf is not None:
+            assert out is out_buf, "out= must be written in place and returned"
+        elif c["mem"] == "blhd":
+            assert out.stride() == q.stride(), f"output layout {out.stride()} != input layout {q.stride()}"
+    else:  # the compatibility entry on tiled tensors
+        layout = TileLayout(grid, cfg.tile, c["block"], pre, suf)
+        qt, kt, vt = (layout.to_tiled(x) for x in (q, k, v))
         kv_valid = None
         if kv_mask is not None:
             src = layout.src_index()
@@ -116,10 +172,17 @@ def run(name, c):
     return {"ok": ok, "max_err": err.max().item()}
 
 
+def check_layout_block():
+    lb = stt.layout_block
+    got = {t: lb(t) for t in [(6, 9, 8), (5, 9, 8), (4, 8, 8), (2, 3, 4), (3, 4, 8), (1, 1, 1)]}
+    want = {(6, 9, 8): 64, (5, 9, 8): 128, (4, 8, 8): 128, (2, 3, 4): 64, (3, 4, 8): 128, (1, 1, 1): 64}
+    return {"ok": got == want, "max_err": 0.0, **({} if got == want else {"error": f"got {got}, want {want}"})}
+
+
 for name, c in cases.items():
     t0 = time.time()
     try:
-        r = run(name, c)
+        r = check_layout_block() if name == "layout_block_choice" else run(name, c)
     except Exception:
         r = {"ok": False, "max_err": float("nan"), "error": traceback.format_exc()}
     r.update(name=name, seconds=round(time.time() - t0, 2))

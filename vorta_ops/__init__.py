@@ -41,7 +41,7 @@ def _register_kernels() -> None:
         from . import coreset, sliding_tile
         from .kernels import coreset_triton, sliding_tile_triton
 
-        sliding_tile.register_backend("triton", sliding_tile_triton.sliding_tile_triton)
+        sliding_tile.register_backend("triton", sliding_tile_triton.sliding_tile_triton, writes_out=True)
         coreset.register_backend("triton", coreset_triton.coreset_triton)
     except Exception as e:  # no triton, or a triton too old for the kernels
         logging.getLogger("vorta").warning(
