@@ -258,7 +258,20 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     run = to.get(STATE_KEY) if to is not None else None
     if not isinstance(run, VortaRun):
         return executor(*args, **kwargs)
-    dm = executor.class_obj
+    try:
+        to[FORWARD_KEY] = _forward_info(run, executor.class_obj, to, args, kwargs)
+    except Exception as e:  # a routing set-up failure must not fail the sampling: run dense, say so
+        run.warn_once("setup", f"could not set up routing for this model call ({type(e).__name__}: {e}); using dense attention")
+        log.debug("VORTA set-up error", exc_info=True)
+        return executor(*args, **kwargs)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        to.pop(FORWARD_KEY, None)
+
+
+def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
+    """Grid, step and routing table of one model call; records the step."""
     named = _named_args(dm._forward if hasattr(dm, "_forward") else dm.forward, args, kwargs)
     x, timestep = named.get("x", args[0]), named.get("timestep", args[1])
     extra_frames = 0
@@ -277,11 +290,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     rec_key = step if step is not None else key
     if rec_key not in run.steps:
         run.steps[rec_key] = StepRecord(step, sigma, t, table)
-    to[FORWARD_KEY] = ForwardInfo(grid, math.prod(grid), prefix_tokens(run.spec, named), table, cfg, rec_key)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        to.pop(FORWARD_KEY, None)
+    return ForwardInfo(grid, math.prod(grid), prefix_tokens(run.spec, named), table, cfg, rec_key)
 
 
 def make_block_patch(index: int, previous=None):

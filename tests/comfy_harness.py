@@ -48,10 +48,11 @@ _MAKE_MODEL = textwrap.dedent(
     kind, out, dim, layers = sys.argv_real[1], sys.argv_real[2], int(sys.argv_real[3]), int(sys.argv_real[4])
     torch.manual_seed(0)
     ops = comfy.ops.disable_weight_init
-    if kind == "wan":
+    if kind in ("wan", "wan22_5b"):  # Wan 2.1 / 2.2 A14B experts: 16 latent channels; Wan 2.2 5B: 48
         from comfy.ldm.wan.model import WanModel
+        ch = 48 if kind == "wan22_5b" else 16
         m = WanModel(model_type="t2v", dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=layers,
-                     text_dim=4096, freq_dim=256, in_dim=16, out_dim=16, operations=ops)
+                     text_dim=4096, freq_dim=256, in_dim=ch, out_dim=ch, operations=ops)
     else:
         from comfy.ldm.hunyuan_video.model import HunyuanVideo
         m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
@@ -155,7 +156,21 @@ TEST_NODES = textwrap.dedent(
             m.model_options["transformer_options"]["optimized_attention_override"] = override
             return (m,)
 
+    class VortaTestLatent:
+        # an empty video latent with any channel count (Wan 2.2 5B uses 48)
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"channels": ("INT", {"default": 16}), "frames": ("INT", {"default": 3}),
+                                 "height": ("INT", {"default": 8}), "width": ("INT", {"default": 8})}}
+        RETURN_TYPES = ("LATENT",)
+        FUNCTION = "run"
+        CATEGORY = "testing"
+
+        def run(self, channels, frames, height, width):
+            return ({"samples": torch.zeros(1, channels, frames, height, width)},)
+
     NODE_CLASS_MAPPINGS = {"VortaTestConditioning": VortaTestConditioning, "VortaTestOverride": VortaTestOverride,
+                           "VortaTestLatent": VortaTestLatent,
                            "VortaTestReferenceOverride": VortaTestReferenceOverride}
     """
 )

@@ -37,6 +37,7 @@ def server(tmp_path_factory):
     srv.prepare()
     h.make_tiny_model("wan", base / "models/diffusion_models/tiny_wan.safetensors", WAN_DIM, WAN_BLOCKS)
     h.make_tiny_model("hunyuan", base / "models/diffusion_models/tiny_hunyuan.safetensors", 256, 1)
+    h.make_tiny_model("wan22_5b", base / "models/diffusion_models/tiny_wan22_5b.safetensors", WAN_DIM, WAN_BLOCKS)
     routers = base / "models/vorta_routers"
     save_router(biased_router("wan", 2, 2, WAN_DIM, MIX), routers / "wan_mix.safetensors")
     save_router(biased_router("wan", 2, 2, WAN_DIM, [[FULL, FULL], [FULL, FULL]]), routers / "wan_full.safetensors")
@@ -231,3 +232,15 @@ def test_web_extension_is_served(server):
 
     with urllib.request.urlopen(server.url + "/extensions/comfyui-vorta/vorta_gates_draw.js") as r:
         assert b"export function drawGates" in r.read()
+
+
+def test_wan22_5b_odd_resolution_routes(server):
+    """Wan 2.2 5B (48 latent channels) at a grid that no tile divides: padded, never asserted on."""
+    p = wan_prompt("wan_mix.safetensors", prefix="w22", tile="auto", window="3,3,3")
+    p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
+    p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 10, "width": 14}}
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["1221"] * 3
+    assert "routed attention failed" not in server.log.read_text()
+    out = saved_latent(server, "w22")
+    assert out.shape == (1, 48, 3, 10, 14) and torch.isfinite(out).all()

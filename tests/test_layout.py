@@ -71,3 +71,21 @@ def test_wrong_length_names_expected_and_got():
     lay = TileLayout((2, 4, 4), (1, 2, 2))
     with pytest.raises(ValueError, match=r"expected \[\.\.\., 32, D\].*got shape \(1, 31, 8\)"):
         lay.to_tiled(torch.zeros(1, 31, 8))
+
+
+@given(grids, st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)))
+def test_auto_tile_always_picks_a_valid_tile(grid, official):
+    from vorta_ops.layout import auto_tile
+
+    tile = auto_tile(grid, official)
+    for n, o, t in zip(grid, official, tile):
+        assert max(1, min(o - 2, n)) <= t <= max(1, min(n, o + 2))  # near official, never past the grid
+        # never worse padding than the official tile itself
+        assert -(-n // t) * t - n <= -(-n // o) * o - n
+
+
+def test_auto_tile_examples():
+    from vorta_ops.layout import auto_tile
+
+    assert auto_tile((20, 45, 80), (5, 9, 8)) == (5, 9, 8)  # official size: official tiles
+    assert auto_tile((3, 5, 7), (5, 9, 8)) == (3, 5, 7)  # tiny grid: one tile per axis

@@ -233,3 +233,29 @@ def test_diffusion_wrapper_sets_grid_step_and_table_once_per_step():
     assert seen[0].grid == (3, 4, 6) and seen[0].n_grid == 72
     assert seen[0].table.tolist() == [[1, 2], [2, 1]]
     assert len(run.tables) == 2 and sorted(run.steps) == [0, 1]
+
+
+def test_routing_setup_failure_runs_dense_and_says_so(caplog):
+    dm = WanModel()
+    patched, state = P.apply_vorta(FakePatcher(dm), router_for([[1, 2], [2, 1]]), P.VortaOptions())
+    run = state.new_run()
+
+    def broken_table(*a, **k):
+        raise RuntimeError("no embedding")
+
+    state.table_for = broken_table
+    seen = []
+
+    class Exec:
+        class_obj = dm
+
+        def __call__(self, x, timestep, context, clip_fea, tdc, to):
+            seen.append(P.FORWARD_KEY in to)
+            return x
+
+    to = {P.STATE_KEY: run, "sigmas": torch.tensor([1.0]), "sample_sigmas": torch.tensor([1.0, 0.0])}
+    with caplog.at_level(logging.WARNING, logger="vorta"):
+        for _ in range(2):
+            P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 2, 4, 4), torch.tensor([1000.0]), None, None, None, to)
+    assert seen == [False, False]  # the model ran, unrouted
+    assert sum("could not set up routing" in r.message for r in caplog.records) == 1

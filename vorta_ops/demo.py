@@ -115,6 +115,7 @@ def run_demo(
     tables = torch.stack([router.decide(timestep_embedding(t, router.embed_dim)) for t in timesteps])
     log(f"  routed layer (block 0) per step:  {'full':>5} {'core':>5} {'slide':>5}  {'rel err':>8} {'ms':>7}")
     for s, t in enumerate(timesteps):
+        routed_attention(q, k, v, tables[s, 0], grid, cfg)  # warm-up: a new head split may compile kernels
         o, ms = _timed(lambda: routed_attention(q, k, v, tables[s, 0], grid, cfg), device)
         sh = decision_shares(tables[s])
         row = {"step": s, "timestep": t, "shares": sh, "block0_rel_err": _rel(o, dense), "block0_ms": ms}

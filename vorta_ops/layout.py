@@ -233,6 +233,6 @@ def auto_tile(grid, official, slack: int = 2) -> Grid:
     grid, official = check_grid(grid), _triple("official tile", official)
     out = []
     for n, o in zip(grid, official):
-        cands = range(max(1, o - slack), max(1, min(n, o + slack)) + 1)
+        cands = range(max(1, min(o - slack, n)), max(1, min(n, o + slack)) + 1)  # small axes: up to n
         out.append(min(cands, key=lambda t: (math.ceil(n / t) * t - n, abs(t - o), -t)))
     return tuple(out)  # type: ignore[return-value]
