@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vorta_ops.coreset import CoresetConfig, coreset_attention
 from vorta_ops.dispatch import RoutedConfig, routed_attention
 from vorta_ops.full import FLASH_ATTN_AVAILABLE
+from vorta_ops.kernels.timing import cuda_median_ms
 from vorta_ops.layout import TileLayout
 from vorta_ops.router import CORESET, FULL, SLIDING
 from vorta_ops.sliding_tile import (
@@ -49,18 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timeit(fn, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_median_ms(fn, warmup, iters)
 
 
 def sliding_kept_flops(layout: TileLayout, cfg: SlidingTileConfig, B: int, H: int, D: int) -> float:

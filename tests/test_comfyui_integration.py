@@ -110,8 +110,8 @@ def test_live_router_predicted_equals_executed(server):
 
 
 def test_all_full_router_is_bit_identical_and_the_original_model_is_untouched(server):
-    base = server.run(wan_prompt(prefix="base"))
-    full = server.run(wan_prompt("wan_full.safetensors", prefix="full"))
+    server.run(wan_prompt(prefix="base"))
+    server.run(wan_prompt("wan_full.safetensors", prefix="full"))
     # one prompt holding both the plain model and a patched clone of it
     both = wan_prompt("wan_mix.safetensors", prefix="routed", extra={
         "17": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 3, "cfg": 2.0, "sampler_name": "euler",

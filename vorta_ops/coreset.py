@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ._backends import BackendRegistry
 from .full import full_attention
 from .layout import Grid, _triple, check_grid
 
@@ -170,15 +171,13 @@ def coreset_attention(
 
 # ---- backends ----------------------------------------------------------------------------
 
-_BACKENDS = {"torch": coreset_attention}
+_BACKENDS = BackendRegistry("core-set", torch=coreset_attention)
 
 
-def register_backend(name: str, fn) -> None:
-    """Plug in a faster implementation with the signature of coreset_attention."""
-    _BACKENDS[name] = fn
-
-
-_WRITES_OUT = {"triton"}  # backends that write into a given output view themselves
+def register_backend(name: str, fn, writes_out: bool = False) -> None:
+    """Plug in a faster implementation with the signature of coreset_attention (plus an ``out=``
+    keyword when ``writes_out``)."""
+    _BACKENDS.register(name, fn, writes_out)
 
 
 def coreset_branch(
@@ -189,13 +188,8 @@ def coreset_branch(
     write the result into (dispatch passes a slice of the layer's output)."""
     name = backend
     if backend == "auto":
-        name = "triton" if q.is_cuda and "triton" in _BACKENDS else "torch"
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown core-set backend {backend!r}; available: {sorted(_BACKENDS)} or 'auto'")
-    if out is not None and name in _WRITES_OUT:
-        return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
-    res = _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
-    return res if out is None else out.copy_(res)
+        name = "triton" if q.is_cuda and "triton" in _BACKENDS.fns else "torch"
+    return _BACKENDS.call(name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
 
 
 # ---- naive reference (loops; tests only) -----------------------------------------------------

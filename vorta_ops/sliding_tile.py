@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._backends import BackendRegistry
 from .layout import Grid, TileLayout, _triple, check_grid, window_box
 
 __all__ = [
@@ -199,27 +200,22 @@ def sliding_tile_flex(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffi
 
 # ---- backend registry ------------------------------------------------------------------------
 
-_BACKENDS = {"reference": sliding_tile_reference, "flex": sliding_tile_flex}
-
-
-_WRITES_OUT: set[str] = set()  # backends that take out= and write into it themselves
+_BACKENDS = BackendRegistry("sliding-tile", reference=sliding_tile_reference, flex=sliding_tile_flex)
 
 
 def register_backend(name: str, fn, writes_out: bool = False) -> None:
     """Plug in a faster implementation with the signature of sliding_tile_reference (plus an
     ``out=`` keyword when ``writes_out``)."""
-    _BACKENDS[name] = fn
-    if writes_out:
-        _WRITES_OUT.add(name)
+    _BACKENDS.register(name, fn, writes_out)
 
 
 def available_backends() -> list[str]:
-    return list(_BACKENDS)
+    return sorted(_BACKENDS.fns)
 
 
 def _auto_backend(q) -> str:
     if q.is_cuda:
-        return "triton" if "triton" in _BACKENDS else "flex"
+        return "triton" if "triton" in _BACKENDS.fns else "flex"
     return "reference"
 
 
@@ -230,9 +226,4 @@ def sliding_tile_attention(
     """Sliding-tile attention. q, k, v: [B, H, L, D] in the original order -> [B, H, L, D].
     ``out``: optional [B, H, L, D] view to write the result into."""
     name = _auto_backend(q) if backend == "auto" else backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown sliding-tile backend {backend!r}; available: {available_backends()} or 'auto'")
-    if out is not None and name in _WRITES_OUT:
-        return _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
-    res = _BACKENDS[name](q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
-    return res if out is None else out.copy_(res)
+    return _BACKENDS.call(name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)

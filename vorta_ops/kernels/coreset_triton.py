@@ -402,18 +402,10 @@ def _bench(argv=None):
     q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
     buf = torch.empty(B, L, H, D, device="cuda", dtype=dtype).transpose(1, 2)
 
+    from .timing import cuda_median_ms
+
     def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(a.iters):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        return sorted(ts)[len(ts) // 2]
+        return cuda_median_ms(fn, warmup=1, iters=a.iters)
 
     cs = coreset_select_gather(q, k, v, grid, cfg)
     oc = full_attention(cs.qc, cs.kc, cs.vc)

@@ -599,7 +599,6 @@ def _bench(argv=None, device: str = "cuda") -> None:
     sliding_tile_triton call, with TFLOP/s per kept block relative to dense (padding to 128-slot
     tiles counted as work, as in bench/attention.py) and a sampled-rows error check."""
     import argparse
-    import statistics
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -621,19 +620,10 @@ def _bench(argv=None, device: str = "cuda") -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--bench needs a CUDA GPU")
 
+    from .timing import cuda_median_ms
+
     def timeit(fn, warmup=3):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(a.iters):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        return statistics.median(ts)
+        return cuda_median_ms(fn, warmup=warmup, iters=a.iters)
 
     def kept_flops(grid, tile, cfg, H, D):
         lay = TileLayout(grid, tile, 128)
