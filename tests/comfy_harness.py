@@ -48,11 +48,14 @@ _MAKE_MODEL = textwrap.dedent(
     kind, out, dim, layers = sys.argv_real[1], sys.argv_real[2], int(sys.argv_real[3]), int(sys.argv_real[4])
     torch.manual_seed(0)
     ops = comfy.ops.disable_weight_init
-    if kind in ("wan", "wan22_5b"):  # Wan 2.1 / 2.2 A14B experts: 16 latent channels; Wan 2.2 5B: 48
+    if kind in ("wan", "wan22_5b", "wan_i2v"):
+        # Wan 2.1 / 2.2 A14B experts: 16 latent channels; Wan 2.2 5B: 48; Wan 2.1 I2V: 16 + 4 mask
+        # + 16 image channels in, and a CLIP-vision projection (img_emb)
         from comfy.ldm.wan.model import WanModel
-        ch = 48 if kind == "wan22_5b" else 16
-        m = WanModel(model_type="t2v", dim=dim, ffn_dim=2 * dim, num_heads=dim // 128, num_layers=layers,
-                     text_dim=4096, freq_dim=256, in_dim=ch, out_dim=ch, operations=ops)
+        ch_in, ch_out = {"wan": (16, 16), "wan22_5b": (48, 48), "wan_i2v": (36, 16)}[kind]
+        m = WanModel(model_type="i2v" if kind == "wan_i2v" else "t2v", dim=dim, ffn_dim=2 * dim,
+                     num_heads=dim // 128, num_layers=layers, text_dim=4096, freq_dim=256,
+                     in_dim=ch_in, out_dim=ch_out, operations=ops)
     else:
         from comfy.ldm.hunyuan_video.model import HunyuanVideo
         m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
@@ -87,14 +90,19 @@ TEST_NODES = textwrap.dedent(
         @classmethod
         def INPUT_TYPES(cls):
             return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8}),
-                                 "pooled": ("BOOLEAN", {"default": False})}}
+                                 "pooled": ("BOOLEAN", {"default": False})},
+                    "optional": {"clip_vision": ("BOOLEAN", {"default": False})}}
         RETURN_TYPES = ("CONDITIONING",)
         FUNCTION = "run"
         CATEGORY = "testing"
 
-        def run(self, seed, tokens, pooled):
+        def run(self, seed, tokens, pooled, clip_vision=False):
+            import types
             g = torch.Generator().manual_seed(seed)
             extra = {"pooled_output": torch.randn(1, 768, generator=g)} if pooled else {}
+            if clip_vision:  # what a CLIP vision encoder hands Wan I2V: 257 tokens x 1280
+                extra["clip_vision_output"] = types.SimpleNamespace(
+                    penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g) * 0.5)
             return ([[torch.randn(1, tokens, 4096, generator=g) * 0.5, extra]],)
 
     class VortaTestOverride:

@@ -38,6 +38,7 @@ def server(tmp_path_factory):
     h.make_tiny_model("wan", base / "models/diffusion_models/tiny_wan.safetensors", WAN_DIM, WAN_BLOCKS)
     h.make_tiny_model("hunyuan", base / "models/diffusion_models/tiny_hunyuan.safetensors", 256, 1)
     h.make_tiny_model("wan22_5b", base / "models/diffusion_models/tiny_wan22_5b.safetensors", WAN_DIM, WAN_BLOCKS)
+    h.make_tiny_model("wan_i2v", base / "models/diffusion_models/tiny_wan_i2v.safetensors", WAN_DIM, WAN_BLOCKS)
     routers = base / "models/vorta_routers"
     save_router(biased_router("wan", 2, 2, WAN_DIM, MIX), routers / "wan_mix.safetensors")
     save_router(biased_router("wan", 2, 2, WAN_DIM, [[FULL, FULL], [FULL, FULL]]), routers / "wan_full.safetensors")
@@ -244,3 +245,19 @@ def test_wan22_5b_odd_resolution_routes(server):
     assert "routed attention failed" not in server.log.read_text()
     out = saved_latent(server, "w22")
     assert out.shape == (1, 48, 3, 10, 14) and torch.isfinite(out).all()
+
+
+def test_wan_i2v_routes_self_attention_and_leaves_both_cross_attentions(server, tmp_path):
+    """Wan I2V cross-attends twice per block (CLIP image tokens, then text); neither is routed."""
+    log_file = tmp_path / "calls.txt"
+    p = wan_prompt("wan_mix.safetensors", prefix="i2v", override_file=log_file)
+    p["1"]["inputs"]["unet_name"] = "tiny_wan_i2v.safetensors"
+    for n in ("4", "5"):
+        p[n]["inputs"]["clip_vision"] = True
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["1221"] * 3
+    keys = [line.split(") (")[1].split(",")[1].strip() for line in log_file.read_text().splitlines()]
+    # every call that reached the earlier override is a cross-attention: 257 image or 8 text keys
+    assert sorted(set(keys)) == ["257", "8"] and len(keys) == 2 * 3 * WAN_BLOCKS
+    assert "routed attention failed" not in server.log.read_text()
+    assert torch.isfinite(saved_latent(server, "i2v")).all()
