@@ -60,6 +60,7 @@ def render_decisions(
         s = f"{name} {overall[i] * 100:.1f}%"
         d.text((x + 16, head_h + 3), s, fill=_FG, font=f_small)
         x += 16 + int(d.textlength(s, font=f_small)) + 18
+    d.text((x + 6, head_h + 3), "each panel: rows = blocks, columns = heads; bar = shares of the step", fill=_FG, font=f_small)
     palette = np.array(BRANCH_COLORS, dtype=np.uint8)
     for s in range(steps):
         r, c = divmod(s, cols)
