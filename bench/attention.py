@@ -145,9 +145,12 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
     branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (H - n_full - n_slide)
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         for bk in [b for b in ("triton", "flex") if b in backends][:1]:
-            cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, bk)
-            fn = lambda: routed_attention(q, k, v, branches, grid, cfg)
-            add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c", timeit(fn, iters=iters), None, None)
+            for concurrent in (False, True):
+                cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, bk, concurrent=concurrent)
+                fn = lambda: routed_attention(q, k, v, branches, grid, cfg)
+                how = "branches on side streams" if concurrent else "branches in sequence"
+                add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c", timeit(fn, iters=iters),
+                    None, None, how)
     return out
 
 

@@ -57,3 +57,17 @@ def test_triton_coreset_full_size(grid, heads, similarity):
     q, k, v = (torch.randn(1, L, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(3))
     cfg = CoresetConfig(similarity=similarity)
     torch.testing.assert_close(coreset_triton(q, k, v, grid, cfg), coreset_attention(q, k, v, grid, cfg), atol=2e-2, rtol=2e-2)  # torch path
+
+
+def test_routed_layer_on_side_streams_equals_sequential():
+    from vorta_ops.dispatch import RoutedConfig, routed_attention
+
+    grid, H = (20, 45, 80), 6
+    L = math.prod(grid)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, L, H, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(3))
+    branches = [2, 2, 1, 0, 1, 2]
+    seq = routed_attention(q, k, v, branches, grid, RoutedConfig(SlidingTileConfig(ALIGNED_TILE), concurrent=False))
+    par = routed_attention(q, k, v, branches, grid, RoutedConfig(SlidingTileConfig(ALIGNED_TILE), concurrent=True))
+    torch.cuda.synchronize()
+    assert torch.equal(seq, par)

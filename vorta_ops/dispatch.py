@@ -26,6 +26,9 @@ class RoutedConfig:
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     sliding_backend: str = "auto"
     coreset_backend: str = "auto"
+    # CUDA: run the branches of one layer on their own streams so one branch's tail (and the
+    # core-set's memory-bound passes) overlaps the other's compute
+    concurrent: bool = True
 
 
 def head_groups(branches) -> dict[int, list[int]]:
@@ -88,7 +91,8 @@ def routed_attention(
         (branch,) = groups
         return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn)
     out = torch.empty_like(q)  # keeps q's memory layout: ComfyUI's [B, L, H*D] reshape stays a view
-    for branch, idx in groups.items():
+
+    def run_group(branch, idx):
         run = idx == list(range(idx[0], idx[-1] + 1))
         target = out[:, idx[0] : idx[-1] + 1] if run else None
         res = _run_branch(
@@ -97,4 +101,27 @@ def routed_attention(
         )
         if not run:
             out.index_copy_(1, torch.tensor(idx, device=q.device), res)
+
+    if not (cfg.concurrent and q.is_cuda):
+        for branch, idx in groups.items():
+            run_group(branch, idx)
+        return out
+    main = torch.cuda.current_stream(q.device)
+    for (branch, idx), side in zip(groups.items(), _side_streams(q.device, len(groups))):
+        side.wait_stream(main)  # inputs and `out` are ready
+        with torch.cuda.stream(side):
+            run_group(branch, idx)
+        main.wait_stream(side)  # the caller sees the finished output on its own stream
     return out
+
+
+_STREAMS: dict = {}
+
+
+def _side_streams(device, n: int):
+    """n CUDA streams per device, made once (streams are cheap but not free to create)."""
+    key = torch.device(device)
+    streams = _STREAMS.setdefault(key, [])
+    while len(streams) < n:
+        streams.append(torch.cuda.Stream(device=key))
+    return streams[:n]
