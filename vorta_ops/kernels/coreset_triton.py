@@ -65,6 +65,19 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _program_ids(n_heads, HEADS_FAST: tl.constexpr):
+    """(batch, head, block) of this program. HEADS_FAST: consecutive programs take the same
+    tokens of the next head (head-inner memory, so neighbours read neighbouring bytes)."""
+    if HEADS_FAST:
+        bh = tl.program_id(0)
+        pid = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+    return (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64), pid
+
+
+@triton.jit
 def _margin_rank(x, is_c, g, gvalid):
     """x [NBK, GP, BLOCK_D] fp32 -> rank [NBK, GP] int32 of every margin by cosine similarity to
     its bucket's centre (0 = least similar; ties: lower local index first). Centre / padding
@@ -98,18 +111,11 @@ def _select_gather_kernel(
     BLOCK_D: tl.constexpr, REST_BLOCK: tl.constexpr,
     MODE_QK: tl.constexpr, WRITE_GATHER: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    if HEADS_FAST:  # consecutive programs: same tokens, next head (head-inner memory)
-        bh = tl.program_id(0)
-        pid = tl.program_id(1)
-    else:
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    b, h, pid = _program_ids(n_heads, HEADS_FAST)
     q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
-    bh64 = bh.to(tl.int64)
+    bh64 = b * n_heads + h
     c_base = bh64 * Lc * D  # compact tensors: contiguous [B, H, Lc, D]
     back_base = BACK + bh64 * L
     gq_base = GQ + bh64 * Lc
@@ -206,19 +212,12 @@ def _expand_kernel(
     n_heads, L,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    if HEADS_FAST:
-        bh = tl.program_id(0)
-        pid = tl.program_id(1)
-    else:
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    b, h, pid = _program_ids(n_heads, HEADS_FAST)
     rows = pid * BLOCK_L + tl.arange(0, BLOCK_L)
     rmask = rows < L
     d = tl.arange(0, BLOCK_D)
     m2 = rmask[:, None] & (d < D)[None, :]
-    src = tl.load(BACK + bh.to(tl.int64) * L + rows, mask=rmask, other=0).to(tl.int64)
+    src = tl.load(BACK + (b * n_heads + h) * L + rows, mask=rmask, other=0).to(tl.int64)
     x = tl.load(OC + b * s_cb + h * s_ch + src[:, None] * s_cn + d[None, :] * s_cd, mask=m2, other=0.0)
     tl.store(OUT + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_on + d[None, :] * s_od, x, mask=m2)
 

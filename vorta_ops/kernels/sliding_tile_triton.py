@@ -119,6 +119,19 @@ def _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC: tl.constexpr, UPCAST
 
 
 @triton.jit
+def _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE: tl.constexpr):
+    """Gather BLOCK_N key and value rows (row = source token positions); k and v share the
+    offset arithmetic when their strides match."""
+    k_off = row[:, None] * s_kn + offs_d[None, :]
+    k = tl.load(k_base + k_off)
+    if KV_SAME_STRIDE:
+        v = tl.load(v_base + k_off)
+    else:
+        v = tl.load(v_base + (row[:, None] * s_vn + offs_d[None, :]))
+    return k, v
+
+
+@triton.jit
 def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -268,12 +281,7 @@ def _sta_fwd_kernel(
         dh = tl.where(wrap, 0, dh)
         dt = tl.where(wrap, dt + 1, dt)
 
-        k_off = row[:, None] * s_kn + offs_d[None, :]
-        k = tl.load(k_base + k_off)
-        if KV_SAME_STRIDE:
-            v = tl.load(v_base + k_off)
-        else:
-            v = tl.load(v_base + (row[:, None] * s_vn + offs_d[None, :]))
+        k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
         qk = _scores(q, k, F32_PREC, UPCAST)
         if MASK_ALL:
             qk = tl.where(offs_n[None, :] < lim, qk + tl.load(bias_base + slot + offs_n)[None, :], float("-inf"))
@@ -293,12 +301,7 @@ def _sta_fwd_kernel(
             row = tl.maximum(pos, 0).to(tl.int64)
         else:
             row = tl.maximum(pos, 0)
-        k_off = row[:, None] * s_kn + offs_d[None, :]
-        k = tl.load(k_base + k_off)
-        if KV_SAME_STRIDE:
-            v = tl.load(v_base + k_off)
-        else:
-            v = tl.load(v_base + (row[:, None] * s_vn + offs_d[None, :]))
+        k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
         qk = _scores(q, k, F32_PREC, UPCAST)
         if HAS_KV or MASK_ALL:
             qk += tl.load(bias_base + slot + offs_n)[None, :]
