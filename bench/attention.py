@@ -33,9 +33,9 @@ from vorta_ops.sliding_tile import (
     HUNYUAN_TILE,
     WAN_TILE,
     SlidingTileConfig,
-    _token_tiles,
     available_backends,
     sliding_tile_flex,
+    sliding_tile_reference,
     tile_window_tables,
 )
 
@@ -60,13 +60,8 @@ def sliding_kept_flops(layout: TileLayout, cfg: SlidingTileConfig, B: int, H: in
 
 
 def sampled_sliding_reference(q, k, v, grid, cfg, rows):
-    """Exact sliding-tile attention for the query rows `rows` only (mask rows built directly)."""
-    coords = _token_tiles(grid, cfg.tile, 0, 0, q.device)
-    n = torch.tensor([-(-g // t) for g, t in zip(grid, cfg.tile)], device=q.device)
-    r = torch.tensor([w // 2 for w in cfg.window], device=q.device)
-    centre = torch.maximum(torch.minimum(coords[rows], n - 1 - r), r)
-    mask = ((centre[:, None, :] - coords[None, :, :]).abs() <= r).all(-1)
-    return F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask[None, None])
+    """Exact sliding-tile attention for the query rows `rows` only, in fp32."""
+    return sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, rows=rows)
 
 
 def run_shape(name, spec, mix_full, iters, rows_n=1024):

@@ -175,14 +175,9 @@ class VortaRun:
         self.warned: set[str] = set()
         self.sliding_share = 1.0  # share of keys a sliding-tile query visits (last grid seen)
 
-    # delegate the static parts
     @property
     def spec(self) -> ModelSpec:
         return self.state.spec
-
-    @property
-    def prev_override(self):
-        return self.state.prev_override
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:

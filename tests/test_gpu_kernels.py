@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vorta_ops.coreset import CoresetConfig, coreset_attention
-from vorta_ops.sliding_tile import ALIGNED_TILE, HUNYUAN_TILE, WAN_TILE, SlidingTileConfig, _token_tiles
+from vorta_ops.sliding_tile import ALIGNED_TILE, HUNYUAN_TILE, WAN_TILE, SlidingTileConfig, sliding_tile_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -15,16 +14,7 @@ CASES = [((20, 45, 80), 4, WAN_TILE), ((20, 45, 80), 4, ALIGNED_TILE), ((30, 45,
 
 
 def sampled_reference(q, k, v, grid, cfg, rows, n_suffix=0, kv_mask=None):
-    coords = _token_tiles(grid, cfg.tile, 0, n_suffix, q.device)
-    extra = coords[:, 0] < 0
-    n = torch.tensor([-(-g // t) for g, t in zip(grid, cfg.tile)], device=q.device)
-    r = torch.tensor([w // 2 for w in cfg.window], device=q.device)
-    centre = torch.maximum(torch.minimum(coords[rows], n - 1 - r), r)
-    mask = ((centre[:, None, :] - coords[None, :, :]).abs() <= r).all(-1) | extra[None, :] | extra[rows][:, None]
-    mask = mask[None, None]
-    if kv_mask is not None:
-        mask = mask & kv_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask)
+    return sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, 0, n_suffix, kv_mask=kv_mask, rows=rows)
 
 
 @pytest.mark.parametrize("grid,heads,tile", CASES)

@@ -87,3 +87,13 @@ def test_bad_window_and_shapes_are_explained():
         sliding_tile_attention(q, q, q, (2, 2, 2), SlidingTileConfig((1, 1, 1)))
     with pytest.raises(ValueError, match="unknown sliding-tile backend 'nope'"):
         sliding_tile_attention(q[:, :, :8], q[:, :, :8], q[:, :, :8], (2, 2, 2), SlidingTileConfig((1, 1, 1)), backend="nope")
+
+
+def test_reference_on_query_rows_equals_the_full_reference():
+    grid, cfg, pre, suf = (3, 5, 6), SlidingTileConfig((1, 2, 2), (3, 1, 3)), 2, 3
+    L = pre + 90 + suf
+    q, k, v = qkv(1, 2, L, 8, 7)
+    rows = torch.tensor([0, 1, 5, 40, 93, L - 1])
+    full = sliding_tile_reference(q, k, v, grid, cfg, pre, suf)
+    torch.testing.assert_close(sliding_tile_reference(q, k, v, grid, cfg, pre, suf, rows=rows), full[:, :, rows])
+    assert torch.equal(sliding_tile_mask(grid, cfg, pre, suf, rows=rows), sliding_tile_mask(grid, cfg, pre, suf)[rows])

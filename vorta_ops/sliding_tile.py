@@ -75,31 +75,37 @@ def _token_tiles(grid: Grid, tile: Grid, n_prefix: int, n_suffix: int, device) -
 
 
 def sliding_tile_mask(
-    grid, cfg: SlidingTileConfig, n_prefix: int = 0, n_suffix: int = 0, device=None
+    grid, cfg: SlidingTileConfig, n_prefix: int = 0, n_suffix: int = 0, device=None, rows=None
 ) -> torch.Tensor:
-    """bool [L, L] in the original order: True where query i may attend key j.
+    """bool [L, L] (or [len(rows), L] for the query positions ``rows``) in the original order:
+    True where query i may attend key j.
 
     Written from the definition (clamped window centre), independently of the layout code, so it
-    can serve as the reference for every faster path.
+    can serve as the reference for every faster path; ``rows`` keeps it cheap at full size.
     """
     grid = check_grid(grid)
     coords = _token_tiles(grid, cfg.tile, n_prefix, n_suffix, device)
+    qc = coords if rows is None else coords[rows]
     extra = coords[:, 0] < 0
     n = torch.tensor([-(-g // t) for g, t in zip(grid, cfg.tile)], device=device)
     r = torch.tensor([w // 2 for w in cfg.window], device=device)
     # clamp(a, r, n-1-r); when the grid has fewer tiles than the window, the centre is r.
-    centre = torch.maximum(torch.minimum(coords, n - 1 - r), r)
+    centre = torch.maximum(torch.minimum(qc, n - 1 - r), r)
     near = ((centre[:, None, :] - coords[None, :, :]).abs() <= r).all(-1)
-    return near | extra[:, None] | extra[None, :]
+    return near | (qc[:, 0] < 0)[:, None] | extra[None, :]
 
 
-def sliding_tile_reference(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None):
-    """Dense attention under the explicit sliding-tile mask. [B, H, L, D] -> [B, H, L, D]."""
+def sliding_tile_reference(
+    q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, rows=None
+):
+    """Dense attention under the explicit sliding-tile mask. [B, H, L, D] -> [B, H, L, D], or
+    [B, H, len(rows), D] for the query positions ``rows`` only (full-size checks)."""
     _check_qkv(q, k, v, grid, n_prefix, n_suffix)
-    mask = sliding_tile_mask(grid, cfg, n_prefix, n_suffix, q.device)[None, None]
+    mask = sliding_tile_mask(grid, cfg, n_prefix, n_suffix, q.device, rows)[None, None]
     if kv_mask is not None:
         mask = mask & kv_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    qr = q if rows is None else q[:, :, rows]
+    return F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=scale)
 
 
 def _check_qkv(q, k, v, grid, n_prefix, n_suffix):

@@ -607,7 +607,7 @@ def _bench(argv=None, device: str = "cuda") -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from vorta_ops.kernels import sliding_tile_triton as stt  # the package copy (not __main__)
-    from vorta_ops.sliding_tile import ALIGNED_TILE, HUNYUAN_TILE, WAN_TILE, _token_tiles, tile_window_tables
+    from vorta_ops.sliding_tile import ALIGNED_TILE, HUNYUAN_TILE, WAN_TILE, sliding_tile_reference, tile_window_tables
 
     p = argparse.ArgumentParser(prog="python -m vorta_ops.kernels.sliding_tile_triton", description=_bench.__doc__)
     p.add_argument("--bench", action="store_true", help="run the benchmark (the only action)")
@@ -635,12 +635,7 @@ def _bench(argv=None, device: str = "cuda") -> None:
 
     def sampled_err(q, k, v, out, grid, cfg, n=512):
         rows = torch.randperm(q.shape[2], generator=torch.Generator().manual_seed(0))[:n].to(q.device)
-        coords = _token_tiles(grid, cfg.tile, 0, 0, q.device)
-        nt = torch.tensor([-(-g // t) for g, t in zip(grid, cfg.tile)], device=q.device)
-        r = torch.tensor([w // 2 for w in cfg.window], device=q.device)
-        centre = torch.maximum(torch.minimum(coords[rows], nt - 1 - r), r)
-        mask = ((centre[:, None, :] - coords[None, :, :]).abs() <= r).all(-1)
-        ref = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask[None, None])
+        ref = sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, rows=rows)
         return float((out[:, :, rows].float() - ref).abs().max())
 
     def inputs(grid, H, D=128):
