@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .models import inspect_model
+from .prompt_check import marked_error
 from .patch import TILE_PRESETS, VortaOptions, apply_vorta, parse_blocks, parse_triple
 from .router_loader import Router
 
@@ -58,6 +59,9 @@ class VortaApply(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks, **_):
+        fit = marked_error(tile)  # set at /prompt by prompt_check when the router does not fit
+        if fit is not None:
+            return fit
         if isinstance(tile, str) and tile.strip() not in TILE_PRESETS:
             try:
                 parse_triple(tile, "tile")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
+from vorta_ops.router import FULL
 from vorta_ops.viz import render_decisions
 
 from .gate_data import summarize, web_payload
@@ -24,6 +25,13 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
     """-> (tables int8 [steps, blocks, heads], labels, title)."""
     state = model.model_options.get("transformer_options", {}).get(STATE_KEY)
     state = state if isinstance(state, VortaState) else None
+    if state is None and router is None:
+        # VORTA Apply switched off (it hands the model on untouched) or not in the graph: the model
+        # runs full attention everywhere. Show that rather than failing the workflow.
+        spec = inspect_model(model.model.diffusion_model)
+        n = max(sigmas.numel() - 1, 1) if sigmas is not None else steps
+        table = torch.full((n, spec.blocks, spec.heads), FULL, dtype=torch.int8)
+        return table, [f"step {i}" for i in range(n)], "VORTA not applied (off or not connected): full attention"
     if mode == "last run":
         if state is None or state.last_run is None or not state.last_run.steps:
             raise ValueError(
@@ -35,8 +43,6 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
     dm = model.model.diffusion_model
     spec = inspect_model(dm)
     if router is None:
-        if state is None:
-            raise ValueError("connect a VORTA router, or a model patched by VORTA Apply")
         router, options = state.router, state.options
     else:
         check_router_fits(router, spec)

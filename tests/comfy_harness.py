@@ -81,6 +81,50 @@ def make_tiny_model(kind: str, out: Path, dim: int = 256, layers: int = 2) -> Pa
     return out
 
 
+def gguf_pack_path() -> Path | None:
+    """A ComfyUI-GGUF checkout (city96/ComfyUI-GGUF), from COMFYUI_GGUF_PATH."""
+    p = os.environ.get("COMFYUI_GGUF_PATH")
+    return Path(p) if p and (Path(p) / "nodes.py").exists() else None
+
+
+def gguf_skip_reason() -> str | None:
+    if gguf_pack_path() is None:
+        return "GGUF: set COMFYUI_GGUF_PATH to a ComfyUI-GGUF checkout (city96/ComfyUI-GGUF; see README, Development)"
+    probe = subprocess.run([sys.executable, "-c", "import gguf"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "GGUF: this Python lacks the gguf package (pip install gguf)"
+    return None
+
+
+# Converts a tiny safetensors diffusion model to GGUF the way GGUF Wan files are laid out: 2D
+# weights Q8_0 (where rows split into 32-value blocks), 1D tensors F32, the rest F16; tensors of
+# more than 4 dims (the patch embedding) flattened, F16, their shape in comfy.gguf.orig_shape.*.
+_TO_GGUF = textwrap.dedent(
+    """
+    import sys, gguf, numpy as np
+    from safetensors.numpy import load_file
+    src, dst, arch = sys.argv[1:4]
+    w = gguf.GGUFWriter(dst, arch=arch)
+    Q = gguf.GGMLQuantizationType
+    for name, a in load_file(src).items():
+        a = a.astype(np.float32)
+        qt = Q.F32 if a.ndim == 1 else Q.Q8_0 if a.ndim == 2 and a.shape[-1] % 32 == 0 else Q.F16
+        if a.ndim > 4:  # GGUF holds 4 dims: flattened, unquantized (the loader's Conv3d copies it as is)
+            w.add_array(f"comfy.gguf.orig_shape.{name}", [int(d) for d in a.shape])
+            a = a.reshape(a.shape[0], -1)
+        w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    """
+)
+
+
+def to_gguf(src: Path, dst: Path, arch: str = "wan") -> Path:
+    res = subprocess.run([sys.executable, "-c", _TO_GGUF, str(src), str(dst), arch], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"GGUF conversion failed:\n{res.stderr[-3000:]}")
+    return dst
+
+
 # Test-only nodes: text conditioning without the 5B-parameter text encoders.
 TEST_NODES = textwrap.dedent(
     r"""
@@ -207,6 +251,9 @@ class ComfyServer:
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
         (cn / "vorta_test_nodes.py").write_text(TEST_NODES)
+        gguf_pack = gguf_pack_path()
+        if gguf_pack is not None and not (cn / "ComfyUI-GGUF").exists():
+            (cn / "ComfyUI-GGUF").symlink_to(gguf_pack.resolve(), target_is_directory=True)
         for d in ("models/diffusion_models", "models/vorta_routers", "input", "output", "temp", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
 

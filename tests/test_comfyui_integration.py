@@ -46,6 +46,9 @@ def server(tmp_path_factory):
     # a real (weight-driven) router: decisions change with the timestep
     save_router(biased_router("wan", 2, 2, WAN_DIM, MIX, weight_scale=0.3), routers / "wan_live.safetensors")
     save_router(biased_router("hunyuan", 2, 2, 256, MIX), routers / "hy_mix.safetensors")
+    if h.gguf_skip_reason() is None:
+        models = base / "models/diffusion_models"
+        h.to_gguf(models / "tiny_wan.safetensors", models / "tiny_wan_q8.gguf")
     srv.start()
     yield srv
     srv.stop()
@@ -155,11 +158,35 @@ def test_chains_to_an_earlier_override(server, tmp_path):
     assert torch.equal(saved_latent(server, "chain_full"), saved_latent(server, "chain_mix")) is False
 
 
-def test_mismatched_router_fails_with_both_sizes(server):
+def test_mismatched_router_is_rejected_at_prompt_with_both_sizes(server, tmp_path):
+    """The fit is checked from the file headers when the prompt is posted, before anything loads,
+    also when the model reaches Apply through another patch node."""
+    for override in (None, tmp_path / "calls.txt"):
+        with pytest.raises(h.PromptRejected) as e:
+            server.run(wan_prompt("wan_3blocks.safetensors", prefix="bad", override_file=override))
+        errors = e.value.body["node_errors"]
+        assert list(errors) == ["3"]  # VORTA Apply, and nothing else
+        msg = json.dumps(errors)
+        assert "blocks: router 3, model 2" in msg and "Load the router trained for this model" in msg
+    # switched off, Apply passes the model through: the same router is no error, and the
+    # visualizers show full attention everywhere instead of failing the workflow
+    p = wan_prompt("wan_3blocks.safetensors", prefix="bad_off")
+    p["3"]["inputs"]["enabled"] = False
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == gates(entry, "10")["steps"] == ["0000"] * 3
+
+
+def test_mismatch_not_traceable_at_prompt_still_fails_clearly_at_apply(server, tmp_path):
+    """A model the /prompt check cannot trace for certain (here: behind a merge node, which takes
+    model1/model2 rather than handing on one "model") is left to Apply, which names both sizes
+    when it runs."""
+    p = wan_prompt("wan_3blocks.safetensors", prefix="bad_late")
+    # ModelMergeSimple takes model1/model2: not a "model" pass-through, so the walk stops there
+    p["21"] = {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["1", 0], "ratio": 0.5}}
+    p["3"]["inputs"]["model"] = ["21", 0]
     with pytest.raises(h.PromptFailed) as e:
-        server.run(wan_prompt("wan_3blocks.safetensors", prefix="bad"))
-    msg = json.dumps(e.value.status)
-    assert "blocks: router 3, model 2" in msg
+        server.run(p)
+    assert "blocks: router 3, model 2" in json.dumps(e.value.status)
 
 
 def test_bad_option_is_rejected_at_validation(server):
@@ -261,3 +288,26 @@ def test_wan_i2v_routes_self_attention_and_leaves_both_cross_attentions(server, 
     assert sorted(set(keys)) == ["257", "8"] and len(keys) == 2 * 3 * WAN_BLOCKS
     assert "routed attention failed" not in server.log.read_text()
     assert torch.isfinite(saved_latent(server, "i2v")).all()
+
+
+@pytest.mark.skipif(h.gguf_skip_reason() is not None, reason=h.gguf_skip_reason() or "")
+def test_gguf_quantized_model_routes_and_equals_the_reference(server):
+    """A Q8_0 GGUF Wan loaded by ComfyUI-GGUF's Unet Loader (its own ops dequantize the weights):
+    routed as the table says, and equal to the reference routed computation on that model."""
+    def gguf_prompt(prefix, reference=False):
+        p = wan_prompt("wan_live.safetensors", prefix=prefix, tile="1,2,3", window="1,3,1")
+        p["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "tiny_wan_q8.gguf"}}
+        if reference:
+            p["30"] = {"class_type": "VortaTestReferenceOverride", "inputs": {"model": ["3", 0]}}
+            p["7"]["inputs"]["model"] = ["30", 0]
+        return p
+
+    entry = server.run(gguf_prompt("gguf_fast"))
+    assert gates(entry, "9")["steps"] == gates(entry, "10")["steps"]
+    assert "routed attention failed" not in server.log.read_text()
+    server.run(gguf_prompt("gguf_slow", reference=True))
+    fast, slow = saved_latent(server, "gguf_fast"), saved_latent(server, "gguf_slow")
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    # the quantized weights really were used: not the float model's result
+    server.run(wan_prompt("wan_live.safetensors", prefix="gguf_float", tile="1,2,3", window="1,3,1"))
+    assert not torch.equal(fast, saved_latent(server, "gguf_float"))

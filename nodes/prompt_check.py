@@ -1,0 +1,166 @@
+"""Router/model fit check at /prompt time, before anything runs.
+
+ComfyUI validates a node's linked inputs only by type: VORTA Apply's own validation never sees
+which model or router is connected, so a router made for another model would otherwise fail only
+once sampling starts (after the model has been loaded). Here, an on_prompt handler reads the
+prompt graph: for each enabled VORTA Apply it follows the router link to a VORTA Router Loader and
+the model link (through nodes that take a MODEL and hand it on, e.g. LoRA or sampling patches) to a
+diffusion-model or checkpoint loader, reads the sizes from the two files' headers (no weights
+loaded) and, when they do not fit, marks the Apply node so its validation rejects the prompt with
+the same message Apply would raise. Whatever cannot be traced for certain (a GGUF loader, a merge,
+a missing file) is left to the check Apply makes when it runs.
+
+Pure Python over plain dicts: the class lookup and the file resolver are passed in, so tests run
+without ComfyUI.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from vorta_ops.router_io import load_router
+from vorta_ops.sliding_tile import HUNYUAN_TILE, WAN_TILE
+
+from .models import ModelSpec, check_router_fits
+
+# inputs["tile"] of a VORTA Apply whose router does not fit: MARK + the message. Only this module
+# writes it (into the prompt being validated); Apply's validate_inputs turns it into the error.
+MARK = "\u0000vorta-fit-error: "
+
+# loader class -> (models folder, input holding the file name)
+LOADERS = {
+    "UNETLoader": ("diffusion_models", "unet_name"),
+    "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
+    "CheckpointLoader": ("checkpoints", "ckpt_name"),
+    "ImageOnlyCheckpointLoader": ("checkpoints", "ckpt_name"),
+}
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+_MAX_HOPS = 64
+
+
+def _is_link(x) -> bool:
+    return isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], int)
+
+
+def _cached(fn):
+    """Memoise a path -> value reader on (path, size, mtime): re-read only when the file changes."""
+    memo: dict = {}
+
+    def wrapper(path: str):
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in memo:
+            if len(memo) > 64:
+                memo.clear()
+            memo[key] = fn(path)
+        return memo[key]
+
+    return wrapper
+
+
+@_cached
+def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a .safetensors header (the weights are not read)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+@_cached
+def router_file(path: str):
+    return load_router(path)
+
+
+def _count(keys, prefix: str) -> int:
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(ids) + 1 if ids else 0
+
+
+def spec_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ModelSpec | None:
+    """The ModelSpec of a Wan or HunyuanVideo state dict, from tensor names and shapes alone (the
+    rules ComfyUI's model detection uses: heads = width // 128). None for anything else."""
+    for pre in _PREFIXES:
+        if pre + "head.modulation" in shapes and pre + "blocks.0.self_attn.q.weight" in shapes:  # Wan 2.1 / 2.2
+            dim = shapes[pre + "head.modulation"][-1]
+            blocks = _count(shapes, pre + "blocks.")
+            patch = tuple(shapes.get(pre + "patch_embedding.weight", (0, 0, 1, 2, 2))[2:])
+            return ModelSpec("wan", blocks, dim // 128, dim, patch, WAN_TILE,
+                             tuple(("double_block", i) for i in range(blocks)), "WanModel (file header)")
+        if pre + "txt_in.individual_token_refiner.blocks.0.norm1.weight" in shapes and pre + "img_in.proj.weight" in shapes:
+            hidden = shapes[pre + "img_in.proj.weight"][0]
+            nd, ns = _count(shapes, pre + "double_blocks."), _count(shapes, pre + "single_blocks.")
+            patch = tuple(shapes[pre + "img_in.proj.weight"][2:])
+            keys = tuple(("double_block", i) for i in range(nd)) + tuple(("single_block", i) for i in range(ns))
+            return ModelSpec("hunyuan", nd + ns, hidden // 128, hidden, patch, HUNYUAN_TILE, keys, "HunyuanVideo (file header)")
+    return None
+
+
+def _model_file(prompt: dict, link, passes_model: Callable[[str, int], bool], resolve) -> str | None:
+    """Follow a MODEL link up to a loader node; its file's path, or None if not traceable for sure."""
+    for _ in range(_MAX_HOPS):
+        if not _is_link(link) or link[0] not in prompt:
+            return None
+        node = prompt[link[0]]
+        cls, inputs = node.get("class_type"), node.get("inputs", {})
+        if cls in LOADERS:
+            folder, key = LOADERS[cls]
+            name = inputs.get(key)
+            return resolve(folder, name) if link[1] == 0 and isinstance(name, str) else None
+        if "model" in inputs and passes_model(cls, link[1]):
+            link = inputs["model"]
+            continue
+        return None
+    return None
+
+
+def _router_file(prompt: dict, link, resolve) -> str | None:
+    if not _is_link(link) or link[0] not in prompt:
+        return None
+    node = prompt[link[0]]
+    name = node.get("inputs", {}).get("router_name")
+    if node.get("class_type") != "VortaRouterLoader" or not isinstance(name, str):
+        return None
+    return resolve("vorta_routers", name)
+
+
+def fit_errors(prompt: dict, passes_model: Callable[[str, int], bool], resolve: Callable[[str, str], str | None]) -> dict[str, str]:
+    """{VortaApply node id: error} for the enabled Apply nodes whose router certainly does not fit
+    the model. passes_model(class_type, output slot): does that output hand on the node's "model"
+    input (the same architecture)? resolve(folder, name): a model file's path or None."""
+    errors = {}
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") != "VortaApply":
+            continue
+        inputs = node.get("inputs", {})
+        if inputs.get("enabled") is False:
+            continue
+        rpath = _router_file(prompt, inputs.get("router"), resolve)
+        mpath = _model_file(prompt, inputs.get("model"), passes_model, resolve)
+        if rpath is None or mpath is None or not mpath.endswith(".safetensors"):
+            continue
+        try:
+            spec = spec_from_shapes(file_shapes(mpath))
+            if spec is None:
+                continue  # not a Wan / HunyuanVideo file: Apply names the supported models when it runs
+            check_router_fits(router_file(rpath), spec)
+        except ValueError as e:  # check_router_fits' message (or an unreadable router: RouterFileError)
+            errors[nid] = str(e)
+        except Exception:  # unreadable header etc.: leave it to the check at execution
+            logging.debug("VORTA: fit check skipped for node %s", nid, exc_info=True)
+    return errors
+
+
+def mark_prompt(json_data: dict, passes_model, resolve) -> dict:
+    """on_prompt handler body: mark the Apply nodes of json_data["prompt"] whose router does not fit."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    if isinstance(prompt, dict):
+        for nid, msg in fit_errors(prompt, passes_model, resolve).items():
+            prompt[nid]["inputs"]["tile"] = MARK + msg
+    return json_data
+
+
+def marked_error(tile) -> str | None:
+    """The fit error a marked tile input carries, else None."""
+    return tile[len(MARK):] if isinstance(tile, str) and tile.startswith(MARK) else None
