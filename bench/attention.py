@@ -5,7 +5,10 @@
 For each shape: dense SDPA with the cuDNN and flash backends (and flash-attn when it imports),
 sliding tile with FlexAttention and with the Triton kernel (official and block-aligned tiles),
 core-set with the torch path (official-style gather/scatter + SDPA) and the Triton path, and a
-routed layer with a branch mix. Reports ms, speed-up vs the best dense, TFLOP/s per kept block
+routed layer with a branch mix: contiguous heads (full, then sliding, then core-set; in sequence and
+on side streams) and the same counts on a scattered head pattern (a fixed-seed permutation, as
+trained routers give: the Triton kernels read and write those heads through a head table, the
+other backends copy each subset). Reports ms, speed-up vs the best dense, TFLOP/s per kept block
 relative to dense (padding counted as work), and max abs error against a reference on sampled
 query rows. Writes bench/results/attention-<gpu>.json and .md.
 """
@@ -138,14 +141,18 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
     n_full = round(H * mix_full)
     n_slide = (H - n_full) // 2
     branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (H - n_full - n_slide)
+    perm = torch.randperm(H, generator=torch.Generator().manual_seed(0)).tolist()
+    scattered = [branches[i] for i in perm]
+    patterns = (("", branches, (False, True)), (" scattered heads", scattered, (False,)))  # side streams: contiguous only
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         for bk in [b for b in ("triton", "flex") if b in backends][:1]:
-            for concurrent in (False, True):
-                cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, bk, concurrent=concurrent)
-                fn = lambda: routed_attention(q, k, v, branches, grid, cfg)
-                how = "branches on side streams" if concurrent else "branches in sequence"
-                add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c", timeit(fn, iters=iters),
-                    None, None, how)
+            for suffix, pattern, concurrents in patterns:
+                for concurrent in concurrents:
+                    cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, bk, concurrent=concurrent)
+                    fn = lambda: routed_attention(q, k, v, pattern, grid, cfg)
+                    how = "branches on side streams" if concurrent else "branches in sequence"
+                    add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c{suffix}",
+                        timeit(fn, iters=iters), None, None, how)
     return out
 
 

@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #   mask: a kv_mask; ties: inputs built from a few repeated vectors (+ zero rows) so that
 #   similarities tie exactly; scale: explicit softmax scale; nan: NaN rows in q and k (a margin,
 #   which ranks last like torch's sort, and a whole bucket's centre, so that its margins all tie)
+#   heads: a head subset (heads=) of the H heads: the compact tensors and the output are checked
+#   against the torch path on those heads alone, and out (NaN-filled) must keep NaN elsewhere
+#   errors: only the refusals of bad head subsets (no launch)
 CASES = {
     "div_232_k50_q": dict(grid=(2, 3, 4), bucket=(2, 3, 2), keep=0.5, sim="q"),
     "div_232_k50_qk": dict(grid=(2, 6, 4), bucket=(2, 3, 2), keep=0.5, sim="qk"),
@@ -48,6 +51,13 @@ CASES = {
     "grid_smaller_than_bucket": dict(grid=(1, 2, 1), bucket=(2, 3, 2), keep=0.5, sim="q", pre=1, suf=1),
     "nan_rows": dict(grid=(2, 6, 4), bucket=(2, 3, 2), keep=0.5, sim="qk", nan=True),
     "scale": dict(grid=(2, 3, 4), bucket=(2, 3, 2), keep=0.5, sim="q", scale=0.3),
+    "heads_302_of_5_q_blhd": dict(grid=(2, 3, 4), bucket=(2, 3, 2), keep=0.5, sim="q", H=5, heads=[3, 0, 2],
+                                  blhd=True),
+    "heads_302_of_5_qk_kv_mask": dict(grid=(3, 4, 5), bucket=(2, 3, 2), keep=0.5, sim="qk", pre=1, suf=2, H=5,
+                                      heads=[3, 0, 2], mask=True),
+    "single_head_of_5_bf16": dict(grid=(2, 6, 4), bucket=(2, 3, 2), keep=0.5, sim="qk", suf=1, H=5, heads=[4],
+                                  blhd=True, dtype="bfloat16"),
+    "head_subset_errors": dict(grid=(2, 3, 2), bucket=(2, 3, 2), keep=0.5, sim="q", H=3, errors=True),
 }
 
 
@@ -79,32 +89,84 @@ def _inputs(c, seed):
     return [x.transpose(1, 2).contiguous() for x in xs], L
 
 
+def _run_errors(c, seed):
+    """Bad head subsets are refused before any launch, with what was expected and what came."""
+    import re
+
+    import torch
+
+    from vorta_ops.coreset import CoresetConfig
+    from vorta_ops.kernels.coreset_triton import coreset_expand, coreset_select_gather, coreset_triton
+
+    cfg = CoresetConfig(c["bucket"], c["keep"], c["sim"])
+    (q, k, v), L = _inputs(c, seed)
+    out = torch.empty_like(q)
+    calls = {
+        "coreset_triton": lambda h, o: coreset_triton(q, k, v, c["grid"], cfg, out=o, heads=h),
+        "coreset_select_gather": lambda h, o: coreset_select_gather(q, k, v, c["grid"], cfg, heads=h),
+    }
+    bad = [
+        ([3], r"expected head indices in \[0, 3\), got \[3\] in \[3\]"),
+        ([1, -2], r"expected head indices in \[0, 3\), got \[-2\]"),
+        ([0, 2, 0], r"expected unique head indices, got \[0\] more than once"),
+        ([], r"expected a non-empty list of head indices"),
+        (torch.tensor([[0, 1]]), r"expected heads as a list of ints or a 1-D integer tensor"),
+    ]
+    for who, call in calls.items():
+        for heads, pattern in bad:
+            try:
+                call(heads, out)
+            except ValueError as e:
+                assert re.search(pattern, str(e)) and who in str(e), f"{who}, heads={heads!r}: {e}"
+            else:
+                raise AssertionError(f"{who}, heads={heads!r}: no error")
+    try:
+        coreset_triton(q, k, v, c["grid"], cfg, heads=[1])
+    except ValueError as e:
+        assert re.search(r"expected out, a full \[2, 3, \d+, 16\] tensor", str(e)), str(e)
+    else:
+        raise AssertionError("heads= without out=: no error")
+    cs = coreset_select_gather(q, k, v, c["grid"], cfg, heads=[2, 0])
+    assert cs.qc.shape[1] == 2 and cs.back.shape[1] == 2
+    try:
+        coreset_expand(cs.qc, cs.back, out, heads=[1])
+    except ValueError as e:
+        assert re.search(r"expected oc \[2, 1, Lc, 16\] and back \[2, 1, \d+\] .* and 1 heads, got oc", str(e)), str(e)
+    else:
+        raise AssertionError("coreset_expand with 2 compact heads for 1 head: no error")
+
+
 def _run_case(c, seed):
     import torch
 
     from vorta_ops.coreset import CoresetConfig, _gather_tokens, bucket_index, coreset_attention, coreset_select
     from vorta_ops.kernels.coreset_triton import coreset_select_gather, coreset_triton
 
+    if c.get("errors"):
+        return _run_errors(c, seed)
     cfg = CoresetConfig(c["bucket"], c["keep"], c["sim"])
     pre, suf = c.get("pre", 0), c.get("suf", 0)
     (q, k, v), L = _inputs(c, seed)
     B = q.shape[0]
     if c.get("blhd"):
         assert not q.is_contiguous()
+    heads = c.get("heads")
+    # the torch side works on the subset (a copy), the Triton side on the full tensors + heads=
+    qs, ks, vs = (x if heads is None else x[:, heads] for x in (q, k, v))
 
     # selection and compact tensors vs coreset_select
     bi = bucket_index(tuple(c["grid"]), cfg.bucket, pre, suf)
-    q_gather, q_back = coreset_select(q, bi, cfg.n_keep)
-    k_gather = q_gather if cfg.similarity == "q" else coreset_select(k, bi, cfg.n_keep)[0]
-    cs = coreset_select_gather(q, k, v, c["grid"], cfg, pre, suf, return_gather=True)
+    q_gather, q_back = coreset_select(qs, bi, cfg.n_keep)
+    k_gather = q_gather if cfg.similarity == "q" else coreset_select(ks, bi, cfg.n_keep)[0]
+    cs = coreset_select_gather(q, k, v, c["grid"], cfg, pre, suf, return_gather=True, heads=heads)
     assert cs.back.dtype == torch.int32 and cs.q_gather.dtype == torch.int32
     assert torch.equal(cs.q_gather.long(), q_gather), "query core-set differs"
     assert torch.equal(cs.k_gather.long(), k_gather), "key core-set differs"
     assert torch.equal(cs.back.long(), q_back), "back map differs"
     exact = dict(atol=0, rtol=0, equal_nan=True)
-    torch.testing.assert_close(cs.qc, _gather_tokens(q, q_gather), **exact, msg="compact q differs")
-    torch.testing.assert_close(cs.kc, _gather_tokens(k, k_gather), **exact, msg="compact k differs")
-    torch.testing.assert_close(cs.vc, _gather_tokens(v, k_gather), **exact, msg="compact v differs")
+    torch.testing.assert_close(cs.qc, _gather_tokens(qs, q_gather), **exact, msg="compact q differs")
+    torch.testing.assert_close(cs.kc, _gather_tokens(ks, k_gather), **exact, msg="compact k differs")
+    torch.testing.assert_close(cs.vc, _gather_tokens(vs, k_gather), **exact, msg="compact v differs")
 
     # attention output vs coreset_attention
     kv_mask = None
@@ -113,13 +175,21 @@ def _run_case(c, seed):
         kv_mask = torch.rand(B, L, generator=g) > 0.3
         kv_mask[:, 0] = True  # every row keeps at least one key
     kw = dict(kv_mask=kv_mask, scale=c.get("scale"))
-    ref = coreset_attention(q, k, v, c["grid"], cfg, pre, suf, **kw)
+    ref = coreset_attention(qs, ks, vs, c["grid"], cfg, pre, suf, **kw)
     if c.get("blhd"):
         buf = torch.full((B, L, q.shape[1], q.shape[3]), float("nan"), dtype=q.dtype)
-        out = coreset_triton(q, k, v, c["grid"], cfg, pre, suf, out=buf.transpose(1, 2), **kw)
+        out = coreset_triton(q, k, v, c["grid"], cfg, pre, suf, out=buf.transpose(1, 2), heads=heads, **kw)
         assert out.data_ptr() == buf.data_ptr() and out.stride() == buf.transpose(1, 2).stride()
+    elif heads is not None:
+        buf = torch.full_like(q, float("nan"))
+        out = coreset_triton(q, k, v, c["grid"], cfg, pre, suf, out=buf, heads=heads, **kw)
+        assert out is buf
     else:
         out = coreset_triton(q, k, v, c["grid"], cfg, pre, suf, **kw)
+    if heads is not None:
+        others = [h for h in range(q.shape[1]) if h not in heads]
+        assert torch.isnan(out[:, others]).all(), "heads= wrote other heads of out"
+        out = out[:, heads]
     assert out.shape == ref.shape and out.dtype == ref.dtype
     tol = dict(atol=1e-5, rtol=1e-5) if q.dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, ref, **tol, equal_nan=bool(c.get("nan")))

@@ -1,5 +1,6 @@
 """Full-size kernel checks on a CUDA GPU (skipped elsewhere): the Triton sliding-tile and core-set
-paths against the references at the shapes users run."""
+paths against the references at the shapes users run, and their head subsets (heads=, routed
+dispatch's scattered heads) against the same kernels on the gathered subset."""
 import math
 
 import pytest
@@ -15,6 +16,13 @@ CASES = [((20, 45, 80), 4, WAN_TILE), ((20, 45, 80), 4, ALIGNED_TILE), ((30, 45,
 
 def sampled_reference(q, k, v, grid, cfg, rows, n_suffix=0, kv_mask=None):
     return sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, 0, n_suffix, kv_mask=kv_mask, rows=rows)
+
+
+def comfy_qkv(grid, heads, dtype=torch.bfloat16):
+    """q, k, v in [B, L, H, D] memory seen as [B, H, L, D], as ComfyUI hands them over."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L = math.prod(grid)
+    return [torch.randn(1, L, heads, 128, device="cuda", dtype=dtype, generator=g).transpose(1, 2) for _ in range(3)]
 
 
 @pytest.mark.parametrize("grid,heads,tile", CASES)
@@ -41,12 +49,39 @@ def test_triton_sliding_tile_full_size(grid, heads, tile, dtype):
 def test_triton_coreset_full_size(grid, heads, similarity):
     from vorta_ops.kernels.coreset_triton import coreset_triton
 
-    L = math.prod(grid)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    # [B, L, H, D] memory seen as [B, H, L, D], as ComfyUI hands it over
-    q, k, v = (torch.randn(1, L, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = comfy_qkv(grid, heads)
     cfg = CoresetConfig(similarity=similarity)
     torch.testing.assert_close(coreset_triton(q, k, v, grid, cfg), coreset_attention(q, k, v, grid, cfg), atol=2e-2, rtol=2e-2)  # torch path
+
+
+WAN14B_GRID, WAN14B_HEADS = (20, 45, 80), 40
+EVERY_OTHER_HEAD = list(range(0, WAN14B_HEADS, 2))
+
+
+def check_scattered_heads(fn):
+    """fn(q, k, v, out=None, heads=None) on every other head of a Wan-14B 720p layer (bf16) equals
+    fn on the gathered (index_select) subset, and leaves the other heads of out untouched."""
+    q, k, v = comfy_qkv(WAN14B_GRID, WAN14B_HEADS)
+    idx = torch.tensor(EVERY_OTHER_HEAD, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    assert fn(q, k, v, out=out, heads=EVERY_OTHER_HEAD) is out
+    ref = fn(*(x.index_select(1, idx) for x in (q, k, v)))
+    torch.testing.assert_close(out.index_select(1, idx), ref, atol=2e-2, rtol=2e-2)
+    assert out[:, 1::2].isnan().all()
+
+
+def test_triton_sliding_tile_scattered_heads_full_size():
+    from vorta_ops.kernels.sliding_tile_triton import sliding_tile_triton
+
+    check_scattered_heads(lambda q, k, v, **kw: sliding_tile_triton(q, k, v, WAN14B_GRID, SlidingTileConfig(WAN_TILE), **kw))
+
+
+@pytest.mark.parametrize("similarity", ["q", "qk"])
+def test_triton_coreset_scattered_heads_full_size(similarity):
+    from vorta_ops.kernels.coreset_triton import coreset_triton
+
+    cfg = CoresetConfig(similarity=similarity)
+    check_scattered_heads(lambda q, k, v, **kw: coreset_triton(q, k, v, WAN14B_GRID, cfg, **kw))
 
 
 def test_routed_layer_on_side_streams_equals_sequential():

@@ -2,7 +2,9 @@
 sliding_tile_reference, run on CPU under TRITON_INTERPRET=1 at tiny sizes: original-order inputs
 of any strides ([B, L, H, D] memory, head-subset views, mixed), out= into strided buffers, prefix /
 suffix extras, kv masks, grids that cut tiles in t, h and w, layout blocks 16 to 128 (and the
-choice of layout_block()), kernel blocks from 16 to 128 (BLOCK_N larger than the layout block too).
+choice of layout_block()), kernel blocks from 16 to 128 (BLOCK_N larger than the layout block too),
+scattered head subsets (heads=: only those heads of out written, the others keep a NaN poison) and
+the errors for bad head subsets.
 
 TRITON_INTERPRET must be set before triton is imported, so the cases run in worker subprocesses
 (two in parallel) with that variable set; this file itself never imports triton or vorta_ops.
@@ -40,8 +42,11 @@ TOL = {"float32": (1e-5, 1e-4), "float16": (2e-3, 2e-3), "bfloat16": (2e-2, 2e-2
 # kv: None, "random" (random key mask incl. extras and grid keys), "suffix" (only trailing suffix
 # tokens masked: the text-padding case, grid keys on the geometry path), "none_b1" (batch 1 masks
 # every key: rows without any valid key must be 0, like SDPA).
+# heads: a head subset (heads=) of the H heads, checked against the reference on those heads; out
+# (a NaN-filled buffer like q when `out` is None) must keep NaN in the other heads. heads_tensor:
+# pass the subset as a 1-D int tensor instead of a list.
 _BASE = dict(pre=0, suf=0, block=16, cfg=(16, 16), D=64, dtype="float32", B=1, H=1, kv=None, api="forward",
-             mem="bhld", out=None, mask_all=False)
+             mem="bhld", out=None, mask_all=False, heads=None, heads_tensor=False)
 CASES = {
     "all_tiles_no_extras": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), H=2),
     "extras_prefix_suffix": dict(grid=(3, 5, 4), tile=(2, 3, 2), window=(3, 3, 3), pre=3, suf=5),
@@ -81,12 +86,19 @@ CASES = {
                                   mem="blhd", dtype="bfloat16"),
     "blocks_128x128_layout128": dict(grid=(4, 8, 16), tile=(2, 8, 8), window=(3, 3, 3), pre=1, block=128,
                                      cfg=(128, 128), mem="blhd"),
+    "scattered_heads_302_of_5_kv_blhd": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), pre=1, suf=2, B=2,
+                                             H=5, heads=[3, 0, 2], kv="random", mem="blhd", out="blhd"),
+    "single_head_tensor_of_5_out_step2": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), suf=2, H=5,
+                                              heads=[4], heads_tensor=True, mem="heads", out="step2"),
+    "backend_api_scattered_heads": dict(grid=(3, 5, 4), tile=(2, 3, 2), window=(3, 3, 3), pre=2, H=4, heads=[2, 0],
+                                        block=32, api="backend", dtype="bfloat16"),
     "layout_block_choice": dict(grid=(1, 1, 1), tile=(1, 1, 1), window=(1, 1, 1)),  # layout_block() values only
+    "head_subset_errors": dict(grid=(1, 1, 1), tile=(1, 1, 1), window=(1, 1, 1)),  # validation only, no launch
 }
 CASES = {name: {**_BASE, **c} for name, c in CASES.items()}
 
 _WORKER = r'''
-import json, math, os, sys, time, traceback, zlib
+import json, math, os, re, sys, time, traceback, zlib
 try:  # the interpreter's int-overflow checks roughly double its run time; not needed here
     import triton.runtime.interpreter as _interp
     _interp.interpreter_builder.options = _interp.InterpreterOptions(sanitize_overflow=False)
@@ -132,22 +144,29 @@ def run(name, c):
         kv_mask = torch.ones(B, L, dtype=torch.bool)
         kv_mask[1] = False
     os.environ["VORTA_STA_MASK_ALL"] = "1" if c["mask_all"] else "0"  # bias on every key block
-    ref = sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, pre, suf, kv_mask=kv_mask)
+    heads = c["heads"]
+    sub = (lambda x: x.float()) if heads is None else (lambda x: x[:, heads].float())
+    ref = sliding_tile_reference(sub(q), sub(k), sub(v), grid, cfg, pre, suf, kv_mask=kv_mask)
     out_buf = None
     if c["out"] == "blhd":
         out_buf = torch.full((B, L, H, D), float("nan"), dtype=dtype).transpose(1, 2)
     elif c["out"] == "step2":
         out_buf = torch.full((B, H, L, 2 * D), float("nan"), dtype=dtype)[..., ::2]
+    elif heads is not None:
+        out_buf = torch.full_like(q, float("nan"))
+    heads_arg = torch.tensor(heads) if c["heads_tensor"] else heads
     if c["api"] == "backend":
         stt.LAYOUT_BLOCK = c["block"]
         if c["block"] is None:
             blk = stt.layout_block(cfg.tile)
             assert blk == (64 if math.prod(cfg.tile) <= 64 else 128), (cfg.tile, blk)
-        out = sliding_tile_attention(q, k, v, grid, cfg, pre, suf, kv_mask=kv_mask, backend="triton")
+        out = sliding_tile_attention(q, k, v, grid, cfg, pre, suf, kv_mask=kv_mask, backend="triton", out=out_buf,
+                                     heads=heads_arg)
     elif c["api"] == "forward":
         layout = TileLayout(grid, cfg.tile, c["block"], pre, suf)
         cfg_k = dict(BLOCK_M=c["cfg"][0], BLOCK_N=c["cfg"][1])
-        out = stt.sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, out=out_buf, config=cfg_k)
+        out = stt.sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, out=out_buf, config=cfg_k,
+                                       heads=heads_arg)
         if out_buf is not None:
             assert out is out_buf, "out= must be written in place and returned"
         elif c["mem"] == "blhd":
@@ -163,10 +182,16 @@ def run(name, c):
         out_t = stt.sliding_tile_fwd(qt, kt, vt, layout, cfg, kv_valid=kv_valid, config=cfg_k)
         assert out_t.shape == (B, H, layout.tiled_len, D) and torch.isfinite(out_t).all()
         out = layout.from_tiled(out_t)
+    untouched = True
+    if heads is not None:
+        assert out is out_buf, "heads= must write into out= and return it"
+        others = [h for h in range(H) if h not in heads]
+        untouched = bool(torch.isnan(out[:, others]).all())  # poison kept: no other head written
+        out = out[:, heads]
     atol, rtol = c["tol"]
     out = out.float()
     err = (out - ref).abs()
-    ok = bool(out.shape == ref.shape and torch.isfinite(out).all() and (err <= atol + rtol * ref.abs()).all())
+    ok = untouched and bool(out.shape == ref.shape and torch.isfinite(out).all() and (err <= atol + rtol * ref.abs()).all())
     if c["kv"] == "none_b1":
         ok = ok and bool((out[1] == 0).all())
     return {"ok": ok, "max_err": err.max().item()}
@@ -179,10 +204,42 @@ def check_layout_block():
     return {"ok": got == want, "max_err": 0.0, **({} if got == want else {"error": f"got {got}, want {want}"})}
 
 
+def check_head_errors():
+    """Bad head subsets are refused before any launch, with what was expected and what came."""
+    cfg = SlidingTileConfig((1, 2, 2), (1, 1, 1))
+    layout = TileLayout((2, 2, 2), cfg.tile, 16)
+    q = torch.randn(1, 3, 8, 16)
+    out = torch.empty_like(q)
+    bad = [
+        ([3], out, r"expected head indices in \[0, 3\), got \[3\] in \[3\]"),
+        ([0, -1], out, r"expected head indices in \[0, 3\), got \[-1\]"),
+        ([2, 0, 2], out, r"expected unique head indices, got \[2\] more than once"),
+        ([], out, r"expected a non-empty list of head indices, got \[\]"),
+        (torch.tensor([], dtype=torch.long), out, r"expected a non-empty list"),
+        ([0.5], out, r"expected heads as a list of ints or a 1-D integer tensor"),
+        (torch.tensor([1.0]), out, r"expected heads as a list of ints or a 1-D integer tensor"),
+        ([True], out, r"expected heads as a list of ints"),
+        ([1], None, r"expected out, a full \[1, 3, 8, 16\] tensor whose other heads are left untouched, got None"),
+    ]
+    problems = []
+    for heads, o, pattern in bad:
+        for call in (lambda: stt.sliding_tile_forward(q, q, q, layout, cfg, out=o, heads=heads),
+                     lambda: sliding_tile_attention(q, q, q, (2, 2, 2), cfg, backend="triton", out=o, heads=heads)):
+            try:
+                call()
+                problems.append(f"heads={heads!r}: no error")
+            except ValueError as e:
+                if not re.search(pattern, str(e)):
+                    problems.append(f"heads={heads!r}: {e} does not match {pattern!r}")
+    return {"ok": not problems, "max_err": 0.0, **({"error": "\n".join(problems)} if problems else {})}
+
+
+CHECKS = {"layout_block_choice": check_layout_block, "head_subset_errors": check_head_errors}
+
 for name, c in cases.items():
     t0 = time.time()
     try:
-        r = check_layout_block() if name == "layout_block_choice" else run(name, c)
+        r = CHECKS[name]() if name in CHECKS else run(name, c)
     except Exception:
         r = {"ok": False, "max_err": float("nan"), "error": traceback.format_exc()}
     r.update(name=name, seconds=round(time.time() - t0, 2))

@@ -38,11 +38,10 @@ def _register_kernels() -> None:
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         return
     try:
-        from . import coreset, sliding_tile
         from .kernels import coreset_triton, sliding_tile_triton
 
-        sliding_tile.register_backend("triton", sliding_tile_triton.sliding_tile_triton, writes_out=True)
-        coreset.register_backend("triton", coreset_triton.coreset_triton)
+        sliding_tile_triton.register()
+        coreset_triton.register()
     except Exception as e:  # no triton, or a triton too old for the kernels
         logging.getLogger("vorta").warning(
             "VORTA: Triton kernels unavailable (%s: %s); sliding tile uses FlexAttention and core-set the torch path. "

@@ -174,22 +174,28 @@ def coreset_attention(
 _BACKENDS = BackendRegistry("core-set", torch=coreset_attention)
 
 
-def register_backend(name: str, fn, writes_out: bool = False) -> None:
+def register_backend(name: str, fn, writes_out: bool = False, takes_heads: bool = False) -> None:
     """Plug in a faster implementation with the signature of coreset_attention (plus an ``out=``
-    keyword when ``writes_out``)."""
-    _BACKENDS.register(name, fn, writes_out)
+    keyword when ``writes_out``, and a ``heads=`` keyword when ``takes_heads``: run on those heads
+    of full-H q, k, v, writing only those heads of ``out``)."""
+    _BACKENDS.register(name, fn, writes_out, takes_heads)
 
 
 def coreset_branch(
-    q, k, v, grid, cfg: CoresetConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, backend="auto", out=None
+    q, k, v, grid, cfg: CoresetConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None, backend="auto", out=None,
+    heads=None,
 ):
     """Core-set attention through a backend: "torch", "triton" (fused select/gather/expand), or
     "auto" (triton on CUDA when registered, else torch). ``out``: optional [B, H, L, D] view to
-    write the result into (dispatch passes a slice of the layer's output)."""
+    write the result into (dispatch passes a slice of the layer's output). ``heads``: optional
+    head subset (list of ints or 1-D int tensor): only those heads are computed and written into
+    ``out`` (then required, full [B, H, L, D]; its other heads are left untouched)."""
     name = backend
     if backend == "auto":
         name = "triton" if q.is_cuda and "triton" in _BACKENDS.fns else "torch"
-    return _BACKENDS.call(name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
+    return _BACKENDS.call(
+        name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out, heads=heads
+    )
 
 
 # ---- naive reference (loops; tests only) -----------------------------------------------------

@@ -4,7 +4,12 @@ q, k, v: [B, H, L, D] in the original t-major order (any strides; ComfyUI's [B, 
 viewed as [B, L, H, D].transpose(1, 2) work without a copy). branches: H branch ids (router.py).
 
 A branch that gets every head runs on q, k, v as they are; a branch that gets a contiguous run of
-heads gets views; only a scattered head subset is gathered (a copy of that subset alone).
+heads gets views (and writes into a view of the layer output). A scattered head subset (the usual
+case with trained routers) of the sliding-tile or core-set branch is passed as ``heads=`` with the
+full q, k, v and the layer output: the Triton backends read and write those heads in place through
+a head table (no copies); the other backends (reference, flex, torch) get a copy of the subset
+and their result is copied back (``_backends.run_on_heads``). The full branch copies a scattered
+subset (dense SDPA / the host's full_fn want their heads in one tensor).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._backends import run_on_heads
 from .coreset import CoresetConfig, coreset_branch
 from .full import full_attention
 from .router import CORESET, FULL, SLIDING
@@ -43,23 +49,27 @@ def head_groups(branches) -> dict[int, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def _heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    if idx == list(range(idx[0], idx[-1] + 1)):
-        return x[:, idx[0] : idx[-1] + 1]  # a view
-    return x.index_select(1, torch.tensor(idx, device=x.device))
-
-
-def _run_branch(branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale, full_fn, out=None):
-    """One branch on a head subset; writes into ``out`` (a view of the layer output) when given."""
+def _run_branch(
+    branch, q, k, v, grid, cfg: RoutedConfig, n_prefix, n_suffix, kv_mask, scale, full_fn, out=None, heads=None
+):
+    """One branch; writes into ``out`` (the layer output, or a view of it) when given. ``heads``:
+    only those heads of q, k, v, written into those heads of ``out``."""
     if branch == FULL:
-        res = full_fn(q, k, v) if full_fn is not None else full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
+        def dense(q, k, v):
+            return full_fn(q, k, v) if full_fn is not None else full_attention(q, k, v, kv_mask=kv_mask, scale=scale)
+
+        if heads is not None:
+            return run_on_heads(dense, q, k, v, heads=heads, out=out, who="full attention")
+        res = dense(q, k, v)
         return res if out is None else out.copy_(res)
     if branch == CORESET:
         return coreset_branch(
-            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend, out=out
+            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend,
+            out=out, heads=heads,
         )
     return sliding_tile_attention(
-        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend, out=out
+        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend,
+        out=out, heads=heads,
     )
 
 
@@ -94,14 +104,11 @@ def routed_attention(
     out = torch.empty_like(q)  # keeps q's memory layout: ComfyUI's [B, L, H*D] reshape stays a view
 
     def run_group(branch, idx):
-        run = idx == list(range(idx[0], idx[-1] + 1))
-        target = out[:, idx[0] : idx[-1] + 1] if run else None
-        res = _run_branch(
-            branch, _heads(q, idx), _heads(k, idx), _heads(v, idx), grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn,
-            target,
-        )
-        if not run:
-            out.index_copy_(1, torch.tensor(idx, device=q.device), res)
+        if idx == list(range(idx[0], idx[-1] + 1)):  # a run of heads: views
+            s = slice(idx[0], idx[-1] + 1)
+            _run_branch(branch, q[:, s], k[:, s], v[:, s], grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn, out[:, s])
+        else:  # scattered: the full tensors and the head list
+            _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn, out, idx)
 
     if not (cfg.concurrent and q.is_cuda):
         for branch, idx in groups.items():

@@ -209,10 +209,11 @@ def sliding_tile_flex(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffi
 _BACKENDS = BackendRegistry("sliding-tile", reference=sliding_tile_reference, flex=sliding_tile_flex)
 
 
-def register_backend(name: str, fn, writes_out: bool = False) -> None:
+def register_backend(name: str, fn, writes_out: bool = False, takes_heads: bool = False) -> None:
     """Plug in a faster implementation with the signature of sliding_tile_reference (plus an
-    ``out=`` keyword when ``writes_out``)."""
-    _BACKENDS.register(name, fn, writes_out)
+    ``out=`` keyword when ``writes_out``, and a ``heads=`` keyword when ``takes_heads``: run on
+    those heads of full-H q, k, v, writing only those heads of ``out``)."""
+    _BACKENDS.register(name, fn, writes_out, takes_heads)
 
 
 def available_backends() -> list[str]:
@@ -227,9 +228,13 @@ def _auto_backend(q) -> str:
 
 def sliding_tile_attention(
     q, k, v, grid, cfg: SlidingTileConfig = SlidingTileConfig(), n_prefix: int = 0, n_suffix: int = 0,
-    *, kv_mask=None, scale=None, backend: str = "auto", out=None,
+    *, kv_mask=None, scale=None, backend: str = "auto", out=None, heads=None,
 ):
     """Sliding-tile attention. q, k, v: [B, H, L, D] in the original order -> [B, H, L, D].
-    ``out``: optional [B, H, L, D] view to write the result into."""
+    ``out``: optional [B, H, L, D] view to write the result into. ``heads``: optional head subset
+    (list of ints or 1-D int tensor): only those heads are computed and written into ``out``
+    (then required, full [B, H, L, D]; its other heads are left untouched)."""
     name = _auto_backend(q) if backend == "auto" else backend
-    return _BACKENDS.call(name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out)
+    return _BACKENDS.call(
+        name, backend, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out, heads=heads
+    )

@@ -29,6 +29,12 @@ only the data movement is fused. Three launches (plus the attention itself):
 Inputs are never made contiguous: every stride is passed. q/k/v are read once, the compact
 tensors written once, the compact output read ~once and the output written once.
 
+Head subsets (``heads=``, routed dispatch's scattered heads): an int32 head table, program head i
+reads head ``heads[i]`` of the full q, k, v (and the expansion writes head ``heads[i]`` of the full
+out), while the compact tensors and ``back`` hold the subset's heads only, in table order. A
+scattered subset is then neither gathered nor scattered back, and out's other heads are not
+touched. HAS_HEADS is a constexpr: without a subset the table is never loaded.
+
 On tensors that are not on CUDA (and without ``TRITON_INTERPRET=1``) ``coreset_triton`` falls back
 to the torch implementation.
 """
@@ -45,11 +51,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .._backends import check_heads, kernel_head_table, require_out, run_on_heads
 from ..coreset import CoresetConfig, bucket_index
 from ..full import full_attention
 from ..layout import check_grid
 
-__all__ = ["CoresetCompact", "coreset_select_gather", "coreset_expand", "coreset_triton"]
+__all__ = ["CoresetCompact", "coreset_select_gather", "coreset_expand", "coreset_triton", "register"]
 
 # Tokens (NBK * GP) per bucket program, and rows per rest / expand program. Knobs for tuning.
 TOKENS_PER_PROGRAM = 64
@@ -65,16 +72,23 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _program_ids(n_heads, HEADS_FAST: tl.constexpr):
-    """(batch, head, block) of this program. HEADS_FAST: consecutive programs take the same
-    tokens of the next head (head-inner memory, so neighbours read neighbouring bytes)."""
+def _program_ids(n_heads, Heads, HAS_HEADS: tl.constexpr, HEADS_FAST: tl.constexpr):
+    """(batch, head, full-tensor head, block) of this program: ``head`` indexes the n_heads
+    program heads (compact tensors, back), the full-tensor head the full q, k, v / out: Heads[head]
+    with HAS_HEADS, else head. HEADS_FAST: consecutive programs take the same tokens of the next
+    head (head-inner memory, so neighbours read neighbouring bytes)."""
     if HEADS_FAST:
         bh = tl.program_id(0)
         pid = tl.program_id(1)
     else:
         pid = tl.program_id(0)
         bh = tl.program_id(1)
-    return (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64), pid
+    h = (bh % n_heads).to(tl.int64)
+    if HAS_HEADS:
+        full_h = tl.load(Heads + h).to(tl.int64)
+    else:
+        full_h = h
+    return (bh // n_heads).to(tl.int64), h, full_h, pid
 
 
 @triton.jit
@@ -98,23 +112,23 @@ def _margin_rank(x, is_c, g, gvalid):
 
 @triton.jit
 def _select_gather_kernel(
-    Q, K, V, QC, KC, VC, BACK, GQ, GK, REST,
+    Q, K, V, QC, KC, VC, BACK, GQ, GK, REST, Heads,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
-    n_heads, L, Lc,
+    n_heads, L, Lc,  # n_heads: program (= compact) heads, the subset's size with HAS_HEADS
     n_bucket, nw_b, nhw_b,  # buckets in total, along w, per t-slab (nh * nw)
     Hg, Wg, n_prefix, n_rest, n_bucket_progs,
     D: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     GP: tl.constexpr, NBK: tl.constexpr, NK: tl.constexpr,
     BLOCK_D: tl.constexpr, REST_BLOCK: tl.constexpr,
-    MODE_QK: tl.constexpr, WRITE_GATHER: tl.constexpr, HEADS_FAST: tl.constexpr,
+    MODE_QK: tl.constexpr, WRITE_GATHER: tl.constexpr, HAS_HEADS: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    b, h, pid = _program_ids(n_heads, HEADS_FAST)
-    q_base = Q + b * s_qb + h * s_qh
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    b, h, full_h, pid = _program_ids(n_heads, Heads, HAS_HEADS, HEADS_FAST)
+    q_base = Q + b * s_qb + full_h * s_qh
+    k_base = K + b * s_kb + full_h * s_kh
+    v_base = V + b * s_vb + full_h * s_vh
     bh64 = b * n_heads + h
     c_base = bh64 * Lc * D  # compact tensors: contiguous [B, H, Lc, D]
     back_base = BACK + bh64 * L
@@ -206,20 +220,21 @@ def _select_gather_kernel(
 
 @triton.jit
 def _expand_kernel(
-    OC, BACK, OUT,
+    OC, BACK, OUT, Heads,
     s_cb, s_ch, s_cn, s_cd,
     s_ob, s_oh, s_on, s_od,
     n_heads, L,
-    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HEADS_FAST: tl.constexpr,
+    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_HEADS: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
-    b, h, pid = _program_ids(n_heads, HEADS_FAST)
+    b, h, full_h, pid = _program_ids(n_heads, Heads, HAS_HEADS, HEADS_FAST)
     rows = pid * BLOCK_L + tl.arange(0, BLOCK_L)
     rmask = rows < L
     d = tl.arange(0, BLOCK_D)
     m2 = rmask[:, None] & (d < D)[None, :]
     src = tl.load(BACK + (b * n_heads + h) * L + rows, mask=rmask, other=0).to(tl.int64)
     x = tl.load(OC + b * s_cb + h * s_ch + src[:, None] * s_cn + d[None, :] * s_cd, mask=m2, other=0.0)
-    tl.store(OUT + b * s_ob + h * s_oh + rows.to(tl.int64)[:, None] * s_on + d[None, :] * s_od, x, mask=m2)
+    tl.store(OUT + b * s_ob + full_h * s_oh + rows.to(tl.int64)[:, None] * s_on + d[None, :] * s_od, x, mask=m2)
 
 
 # ---- host side -------------------------------------------------------------------------------
@@ -228,7 +243,8 @@ def _expand_kernel(
 class CoresetCompact(NamedTuple):
     """Output of ``coreset_select_gather``. qc, kc, vc: contiguous [B, H, Lc, D]; back: int32
     [B, H, L] (core-set slot each original token reads); q_gather / k_gather: int32 [B, H, Lc]
-    original positions of the slots (None unless asked for; k_gather is q_gather in mode "q")."""
+    original positions of the slots (None unless asked for; k_gather is q_gather in mode "q").
+    With a head subset, H is the subset's size (its heads in the order given)."""
 
     qc: torch.Tensor
     kc: torch.Tensor
@@ -269,19 +285,22 @@ def _check_qkv(q, k, v, L, grid, n_prefix, n_suffix, who):
 
 def coreset_select_gather(
     q, k, v, grid, cfg: CoresetConfig = CoresetConfig(), n_prefix: int = 0, n_suffix: int = 0,
-    *, return_gather: bool = False,
+    *, return_gather: bool = False, heads=None,
 ) -> CoresetCompact:
-    """Select the core-sets and gather them in one launch. q, k, v: [B, H, L, D], any strides."""
+    """Select the core-sets and gather them in one launch. q, k, v: [B, H, L, D], any strides.
+    heads: optional head subset (list of ints or 1-D int tensor; unique, in [0, H)): only those
+    heads of q, k, v are read, and the compact tensors hold them alone, in that order."""
     grid = check_grid(grid)
     T, Hg, Wg = grid
     L = n_prefix + T * Hg * Wg + n_suffix
     _check_qkv(q, k, v, L, grid, n_prefix, n_suffix, "coreset_select_gather")
-    B, H, _, D = q.shape
+    B, _, _, D = q.shape
     bt, bh, bw = cfg.bucket
     nt, nh, nw = T // bt, Hg // bh, Wg // bw
     nb = nt * nh * nw
     nk = cfg.n_keep
     rest = _rest_index(grid, cfg.bucket, n_prefix, n_suffix, q.device)
+    H, head_tab = kernel_head_table(heads, q.shape[1], q.device, "coreset_select_gather", rest)
     n_rest = rest.numel()
     Lc = nb * nk + n_rest
     dev = q.device
@@ -304,73 +323,95 @@ def coreset_select_gather(
     if n_progs and B * H:
         with _on_device(dev):
             _select_gather_kernel[(B * H, n_progs) if heads_fast else (n_progs, B * H)](
-                q, k, v, qc, kc, vc, back, gq, gk, rest,
+                q, k, v, qc, kc, vc, back, gq, gk, rest, head_tab,
                 *q.stride(), *k.stride(), *v.stride(),
                 H, L, Lc,
                 nb, nw, nh * nw,
                 Hg, Wg, n_prefix, n_rest, n_bucket_progs,
                 D=D, BT=bt, BH=bh, BW=bw, GP=gp, NBK=nbk, NK=nk,
                 BLOCK_D=block_d, REST_BLOCK=REST_BLOCK,
-                MODE_QK=mode_qk, WRITE_GATHER=return_gather, HEADS_FAST=heads_fast,
+                MODE_QK=mode_qk, WRITE_GATHER=return_gather, HAS_HEADS=heads is not None, HEADS_FAST=heads_fast,
                 num_warps=8 if gp * nbk * block_d >= 8192 else 4,
             )
     return CoresetCompact(qc, kc, vc, back, gq if return_gather else None, gk if return_gather else None)
 
 
-def coreset_expand(oc: torch.Tensor, back: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def coreset_expand(oc: torch.Tensor, back: torch.Tensor, out: torch.Tensor, heads=None) -> torch.Tensor:
     """out[b, h, l, :] = oc[b, h, back[b, h, l], :]. oc [B, H, Lc, D] and out [B, H, L, D] with
-    any strides; back contiguous int32 [B, H, L]. Returns out."""
-    B, H, L, D = out.shape
+    any strides; back contiguous int32 [B, H, L]. Returns out.
+    heads: optional head subset of out's heads (list of ints or 1-D int tensor; unique): oc and
+    back hold those heads (in that order), out[b, heads[i]] receives oc[b, i]; out's other heads
+    are left untouched."""
+    B, H_out, L, D = out.shape
+    back = back.contiguous()
+    H, head_tab = kernel_head_table(heads, H_out, out.device, "coreset_expand", back)
     if oc.shape[:2] != (B, H) or oc.shape[3] != D or back.shape != (B, H, L):
         raise ValueError(
-            f"coreset_expand: shapes oc {tuple(oc.shape)}, back {tuple(back.shape)}, out {tuple(out.shape)}"
+            f"coreset_expand: expected oc [{B}, {H}, Lc, {D}] and back [{B}, {H}, {L}] for out {tuple(out.shape)}"
+            f"{'' if heads is None else f' and {H} heads'}, got oc {tuple(oc.shape)}, back {tuple(back.shape)}"
         )
-    back = back.contiguous()
     n_progs = triton.cdiv(L, EXPAND_BLOCK_L)
     heads_fast = _heads_fast(out, n_progs)
     if B * H * L:
         with _on_device(out.device):
             _expand_kernel[(B * H, n_progs) if heads_fast else (n_progs, B * H)](
-                oc, back, out, *oc.stride(), *out.stride(), H, L,
-                D=D, BLOCK_L=EXPAND_BLOCK_L, BLOCK_D=triton.next_power_of_2(D), HEADS_FAST=heads_fast,
-                num_warps=4,
+                oc, back, out, head_tab, *oc.stride(), *out.stride(), H, L,
+                D=D, BLOCK_L=EXPAND_BLOCK_L, BLOCK_D=triton.next_power_of_2(D), HAS_HEADS=heads is not None,
+                HEADS_FAST=heads_fast, num_warps=4,
             )
     return out
 
 
 def coreset_triton(
     q, k, v, grid, cfg: CoresetConfig = CoresetConfig(), n_prefix: int = 0, n_suffix: int = 0,
-    *, kv_mask=None, scale=None, out=None,
+    *, kv_mask=None, scale=None, out=None, heads=None,
 ):
     """Core-set attention (semantics of ``coreset_attention``). q, k, v: [B, H, L, D] original
-    order, any strides -> [B, H, L, D] (``out`` if given, else a new tensor laid out like q)."""
+    order, any strides -> [B, H, L, D] (``out`` if given, else a new tensor laid out like q).
+    heads: optional head subset (list of ints or 1-D int tensor; unique, in [0, H)): only those
+    heads are computed, read from the full q, k, v and written into ``out`` (then required), whose
+    other heads are left untouched. The device head table is cached per (heads, device)."""
     grid = check_grid(grid)
     L = n_prefix + math.prod(grid) + n_suffix
     _check_qkv(q, k, v, L, grid, n_prefix, n_suffix, "coreset_triton")
+    if heads is not None:
+        require_out(out, q, "coreset_triton")
     if out is not None and (out.shape != q.shape or out.device != q.device):
         raise ValueError(f"coreset_triton: out must be {tuple(q.shape)} on {q.device}, got {tuple(out.shape)}")
     if not (q.is_cuda or _interpreting()):
         from ..coreset import coreset_attention
 
-        res = coreset_attention(q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale)
+        kw = dict(kv_mask=kv_mask, scale=scale)
+        if heads is not None:
+            return run_on_heads(coreset_attention, q, k, v, grid, cfg, n_prefix, n_suffix, heads=heads, out=out,
+                                who="coreset_triton", **kw)
+        res = coreset_attention(q, k, v, grid, cfg, n_prefix, n_suffix, **kw)
         return res if out is None else out.copy_(res)
-    B, H = q.shape[:2]
-    cs = coreset_select_gather(q, k, v, grid, cfg, n_prefix, n_suffix, return_gather=kv_mask is not None)
+    if heads is not None:  # validated once; the launches look the tuple's table up in the cache
+        heads = check_heads(heads, q.shape[1], "coreset_triton")
+    cs = coreset_select_gather(q, k, v, grid, cfg, n_prefix, n_suffix, return_gather=kv_mask is not None, heads=heads)
     if kv_mask is None:
         oc = full_attention(cs.qc, cs.kc, cs.vc, scale=scale)
     else:
+        B, H, Lc = cs.k_gather.shape  # H: the subset's heads with heads=
         km = kv_mask.to(device=q.device, dtype=torch.bool)
         if km.dim() == 1:
             km = km[None]
         km = km.expand(B, L)
-        Lc = cs.k_gather.shape[-1]
         mask = km.gather(1, cs.k_gather.reshape(B, H * Lc).long()).view(B, H, 1, Lc)
         oc = F.scaled_dot_product_attention(cs.qc, cs.kc, cs.vc, attn_mask=mask, scale=scale)
     if out is None:
         out = torch.empty_like(q)
     if oc.dtype != out.dtype:
         oc = oc.to(out.dtype)
-    return coreset_expand(oc, cs.back, out)
+    return coreset_expand(oc, cs.back, out, heads=heads)
+
+
+def register() -> None:
+    """Register this path as the "triton" core-set backend (writes into out=, takes heads=)."""
+    from ..coreset import register_backend
+
+    register_backend("triton", coreset_triton, writes_out=True, takes_heads=True)
 
 
 # ---- benchmark (CUDA): python -m vorta_ops.kernels.coreset_triton --help ---------------------

@@ -38,6 +38,10 @@ Kernel design:
 * kv_mask: a per-call additive bias (0 / -inf, packed order) and a per-batch "keeps every grid
   token" flag. With the flag set (text padding masks only extras, the usual case) the grid keys
   are masked by geometry alone; otherwise every grid block adds the bias.
+* Head subsets (``heads=``, routed dispatch's scattered heads): an int32 head table, program head
+  i works on head ``heads[i]`` of the full q, k, v and out (one table for all four), so a
+  scattered subset is neither gathered nor scattered back; out's other heads are not touched.
+  HAS_HEADS is a constexpr: without a subset the table is never loaded.
 
 Layout block (slots a tile is padded to, query side): ``layout_block(tile)``: 128, or 64 where
 that pads the tile clearly less (HunyuanVideo's 432-token tile: 448 slots instead of 512).
@@ -58,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backends import head_index, kernel_head_table, require_out
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
 
@@ -143,13 +148,13 @@ def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk,
+    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads,
     s_qb, s_qh, s_qn,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
     s_ob, s_oh, s_on,
     s_bias_b, s_kvok_b,
-    n_heads, n_bh, qk_scale,
+    n_heads, n_bh, qk_scale,  # program heads: the subset's size with HAS_HEADS, else H
     T, HG, WG,  # token grid
     NT, NH, NW,  # tiles per axis
     N_GRID, N_EXTRA, SEQ_LEN,  # packed key order: grid tokens [0, N_GRID), then N_EXTRA extras
@@ -164,6 +169,7 @@ def _sta_fwd_kernel(
     F32_PREC: tl.constexpr,  # dot input precision for fp32 inputs ("tf32x3" / "ieee"); None otherwise
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mis-handles bf16 (stored as uint16)
     HAS_KV: tl.constexpr,
+    HAS_HEADS: tl.constexpr,  # program head i works on head Heads[i] of q, k, v and o
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -182,6 +188,8 @@ def _sta_fwd_kernel(
     mblk = r % per + tl.where(is_ext, n_gq, 0)
     off_b = bh // n_heads
     off_h = bh % n_heads
+    if HAS_HEADS:
+        off_h = tl.load(Heads + off_h)
     start_m = mblk * BLOCK_M
 
     # -- query tile coordinates, window start and span per axis
@@ -457,7 +465,7 @@ def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str
 
 
 def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None, out=None,
-              config=None):
+              config=None, heads=None):
     """Validate, build the per-call tables and return (launch, out): launch() runs the kernel
     (writing out). Split from sliding_tile_forward so the benchmark can time the launch alone."""
     what = "sliding_tile_forward"
@@ -465,6 +473,8 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, L, D = q.shape
     device = q.device
+    if heads is not None:
+        require_out(out, q, what)
     if out is None:
         out = torch.empty_like(q)  # keeps a transposed ([B, L, H, D] in memory) layout
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != device:
@@ -473,6 +483,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     o = out if out.stride(-1) == 1 else torch.empty_like(q, memory_format=torch.contiguous_format)
 
     qsrc, ksrc, bias, grid_ok = _layout_tables(layout, device)
+    n_h, head_tab = kernel_head_table(heads, H, device, what, qsrc)  # program heads; qsrc: a dummy table
     if kv_mask is not None:
         bias, grid_ok = _kv_tables(layout, ksrc, kv_mask, B)
     s_bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
@@ -484,13 +495,13 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     nt, nh, nw = layout.n_tiles
     idx64 = max((L - 1) * x.stride(2) for x in (q, k, v, o)) + D >= 2**31
     args = (
-        q, k, v, o, qsrc, ksrc, bias, grid_ok,
+        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         s_bias_b, s_kvok_b,
-        H, B * H, float(scale) * _LOG2E,
+        n_h, B * n_h, float(scale) * _LOG2E,
         T, Hg, Wg, nt, nh, nw,
         layout.n_grid, layout.n_extra, layout.seq_len,
         layout.grid_len, layout.tiled_len,
@@ -504,11 +515,12 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         F32_PREC=_f32_precision(device) if q.dtype == torch.float32 else None,
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         HAS_KV=kv_mask is not None,
+        HAS_HEADS=heads is not None,
     )
     n_slots = layout.tiled_len
 
     def grid(m):
-        return ((n_slots // m["BLOCK_M"]) * B * H,)
+        return ((n_slots // m["BLOCK_M"]) * B * n_h,)
 
     if config is None and _interpreting():
         config = _INTERPRET_CONFIG
@@ -525,16 +537,21 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
             _sta_fwd_tuned[grid](*args, **meta)
 
     if o is not out:
+        idx = None if heads is None else head_index(heads, H, device, what)
+
         def run():
             launch()
-            out.copy_(o)
+            if idx is None:
+                out.copy_(o)
+            else:  # the subset only: out's other heads stay untouched
+                out.index_copy_(1, idx, o.index_select(1, idx))
 
         return run, out
     return launch, out
 
 
 def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None,
-                         out=None, config=None):
+                         out=None, config=None, heads=None):
     """Sliding-tile attention for an explicit layout, on tensors in the ORIGINAL order.
 
     q, k, v: [B, H, layout.seq_len, D], any strides (a last-dim stride other than 1 is copied).
@@ -543,8 +560,11 @@ def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *,
     viewed as [B, H, L, D]); default ``torch.empty_like(q)``. Returns out.
     config: optional dict with BLOCK_M, BLOCK_N (and num_warps, num_stages) to bypass autotuning;
     BLOCK_M must divide layout.block.
+    heads: optional head subset (list of ints or 1-D int tensor; unique, in [0, H)): only those
+    heads are computed, read from the full q, k, v and written into ``out`` (then required), whose
+    other heads are left untouched. The device head table is cached per (heads, device).
     """
-    launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config)
+    launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads)
     launch()
     return out
 
@@ -571,10 +591,11 @@ def _layout_for(grid, cfg: SlidingTileConfig, n_prefix: int, n_suffix: int) -> T
 
 
 def sliding_tile_triton(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None,
-                        out=None):
+                        out=None, heads=None):
     """Backend with the signature of sliding_tile_reference: q, k, v [B, H, L, D] in the original
     (t-major) order, any strides -> [B, H, L, D] in the original order (``out`` if given, else a new
-    tensor laid out like q). The layout block comes from layout_block(cfg.tile)."""
+    tensor laid out like q). The layout block comes from layout_block(cfg.tile). ``heads``: only
+    those heads, written into ``out`` (required then; see sliding_tile_forward)."""
     layout = _layout_for(grid, cfg, n_prefix, n_suffix)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape or q.shape[2] != layout.seq_len:
         raise ValueError(
@@ -582,14 +603,14 @@ def sliding_tile_triton(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suf
             f"{tuple(layout.grid)} + {n_prefix} prefix + {n_suffix} suffix tokens, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    return sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out)
+    return sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, heads=heads)
 
 
 def register() -> None:
-    """Register this kernel as the "triton" sliding-tile backend."""
+    """Register this kernel as the "triton" sliding-tile backend (writes into out=, takes heads=)."""
     from ..sliding_tile import register_backend
 
-    register_backend("triton", sliding_tile_triton, writes_out=True)
+    register_backend("triton", sliding_tile_triton, writes_out=True, takes_heads=True)
 
 
 # ---- self-timing -----------------------------------------------------------------------------
