@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the attention kernels (GPU machine). Writes $OUT_DIR/ncu-<shape>.txt:
-# a per-kernel summary and the details page (speed of light, warp states, pipelines, memory).
+# the details page per kernel (speed of light, pipelines, memory, occupancy, scheduler, warp stall
+# reasons) and a per-kernel summary.
 # Usage: bash bench/profile.sh [shape] [out_dir]
 set -uo pipefail
 shape=${1:-wan14b-720p}; out=${2:-bench/results}
@@ -9,10 +10,26 @@ ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*
 if [ -z "$ncu" ]; then echo "ncu not found"; exit 1; fi
 "$ncu" --version | tail -1
 rep="$out/ncu-$shape"
-"$ncu" --profile-from-start off --target-processes all --nvtx --set detailed --import-source no \
+secs=""
+for s in SpeedOfLight ComputeWorkloadAnalysis MemoryWorkloadAnalysis LaunchStats Occupancy SchedulerStats WarpStateStats; do
+  secs="$secs --section $s"
+done
+"$ncu" --profile-from-start off --target-processes all --nvtx $secs --import-source no \
   -f -o "$rep" python -m bench.profile_kernels --shape "$shape" 2>&1 | tail -20
 "$ncu" --import "$rep.ncu-rep" --page details --print-nvtx-rename kernel > "$rep.txt" 2>&1 || \
   "$ncu" --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1
 "$ncu" --import "$rep.ncu-rep" --print-summary per-kernel >> "$rep.txt" 2>&1
+# raw stall reasons (warps stalled per issued instruction) and tensor-pipe use, per kernel
+"$ncu" --import "$rep.ncu-rep" --page raw --csv 2>/dev/null | python3 -c '
+import csv, sys
+rows = list(csv.reader(sys.stdin))
+head, units, data = rows[0], rows[1], rows[2:]
+keep = [i for i, h in enumerate(head) if "issue_stalled" in h and h.endswith("per_issue_active.ratio") or "pipe_tensor" in h or h in ("Kernel Name", "gpu__time_duration.sum")]
+for r in data:
+    print("; ".join(f"{head[i]}={r[i]}" for i in keep if r[i] not in ("", "0")))
+' > "$rep-stalls.txt" 2>&1
+python -m bench.ncu_summary "$rep-stalls.txt" \
+  "dense cuDNN SDPA,sliding tile official (Triton),sliding tile aligned (Triton),core-set select+gather,core-set SDPA (cuDNN),core-set expand" \
+  > "$rep-summary.md"
 rm -f "$rep.ncu-rep"
 wc -l "$rep.txt"
