@@ -22,6 +22,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 small_grids = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
 
 
+def assert_per_head_references(out, q, k, v, branches, grid, cfg, pre, suf, kv_mask):
+    """Each head of a routed output equals its branch's plain reference on that head alone."""
+    for h, b in enumerate(branches):
+        s = slice(h, h + 1)
+        if b == 0:
+            ref = F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], attn_mask=kv_mask[:, None, None])
+        elif b == 1:
+            ref = coreset_reference(q[:, s], k[:, s], v[:, s], grid, cfg.coreset, pre, suf, kv_mask=kv_mask)
+        else:
+            ref = sliding_tile_reference(q[:, s], k[:, s], v[:, s], grid, cfg.sliding, pre, suf, kv_mask=kv_mask)
+        torch.testing.assert_close(out[:, s], ref, atol=1e-10, rtol=1e-10)
+
+
 @settings(max_examples=20)
 @given(small_grids, st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=6), extras, extras,
        st.sampled_from(["q", "qk"]), st.integers(0, 2**16))
@@ -34,15 +47,7 @@ def test_dispatch_equals_per_head_references(grid, branches, pre, suf, sim, seed
     if suf:
         kv_mask[1, -1] = False
     out = routed_attention(q, k, v, torch.tensor(branches, dtype=torch.int8), grid, cfg, pre, suf, kv_mask=kv_mask)
-    for h, b in enumerate(branches):
-        s = slice(h, h + 1)
-        if b == 0:
-            ref = F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], attn_mask=kv_mask[:, None, None])
-        elif b == 1:
-            ref = coreset_reference(q[:, s], k[:, s], v[:, s], grid, cfg.coreset, pre, suf, kv_mask=kv_mask)
-        else:
-            ref = sliding_tile_reference(q[:, s], k[:, s], v[:, s], grid, cfg.sliding, pre, suf, kv_mask=kv_mask)
-        torch.testing.assert_close(out[:, s], ref, atol=1e-10, rtol=1e-10)
+    assert_per_head_references(out, q, k, v, branches, grid, cfg, pre, suf, kv_mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -85,15 +90,7 @@ def test_scattered_branches_equal_per_head_references():
     kv_mask[1, -2:] = False
     cfg = RoutedConfig(SlidingTileConfig((1, 2, 2), (1, 3, 1)), CoresetConfig((2, 3, 2), 0.5, "qk"), "reference", "torch")
     out = routed_attention(q, k, v, branches, grid, cfg, pre, suf, kv_mask=kv_mask)
-    for h, b in enumerate(branches):
-        s = slice(h, h + 1)
-        if b == 0:
-            ref = F.scaled_dot_product_attention(q[:, s], k[:, s], v[:, s], attn_mask=kv_mask[:, None, None])
-        elif b == 1:
-            ref = coreset_reference(q[:, s], k[:, s], v[:, s], grid, cfg.coreset, pre, suf, kv_mask=kv_mask)
-        else:
-            ref = sliding_tile_reference(q[:, s], k[:, s], v[:, s], grid, cfg.sliding, pre, suf, kv_mask=kv_mask)
-        torch.testing.assert_close(out[:, s], ref, atol=1e-10, rtol=1e-10)
+    assert_per_head_references(out, q, k, v, branches, grid, cfg, pre, suf, kv_mask)
 
 
 @pytest.mark.parametrize("heads", [[3, 0, 2], [4], torch.tensor([1, 3])])
