@@ -7,8 +7,10 @@ prompt graph: for each enabled VORTA Apply it follows the router link to a VORTA
 the model link (through nodes that take a MODEL and hand it on, e.g. LoRA or sampling patches) to a
 diffusion-model or checkpoint loader, reads the sizes from the two files' headers (no weights
 loaded) and, when they do not fit, marks the Apply node so its validation rejects the prompt with
-the same message Apply would raise. Whatever cannot be traced for certain (a GGUF loader, a merge,
-a missing file) is left to the check Apply makes when it runs.
+the same message Apply would raise. Model files: .safetensors, and .gguf (ComfyUI-GGUF's Unet
+Loader) when the gguf package is installed. Whatever cannot be traced for certain (a merge, a file
+name from a link, a missing file or one of another format) is left to the check Apply makes when it
+runs.
 
 Pure Python over plain dicts: the class lookup and the file resolver are passed in, so tests run
 without ComfyUI.
@@ -34,6 +36,8 @@ LOADERS = {
     "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
     "CheckpointLoader": ("checkpoints", "ckpt_name"),
     "ImageOnlyCheckpointLoader": ("checkpoints", "ckpt_name"),
+    "UnetLoaderGGUF": ("unet_gguf", "unet_name"),  # ComfyUI-GGUF
+    "UnetLoaderGGUFAdvanced": ("unet_gguf", "unet_name"),
 }
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _MAX_HOPS = 64
@@ -60,12 +64,35 @@ def _cached(fn):
 
 
 @_cached
-def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a .safetensors header (the weights are not read)."""
+def file_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes from a model file's header (the weights are not read): .safetensors, or .gguf
+    when the gguf package (ComfyUI-GGUF's dependency) is installed; None for anything else."""
+    if path.endswith(".gguf"):
+        return _gguf_shapes(path)
+    if not path.endswith((".safetensors", ".sft")):
+        return None
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _gguf_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
+    """Shapes as ComfyUI-GGUF's loader sees them: GGUF lists dims innermost first (reversed here),
+    and tensors stored flattened keep their shape in a comfy.gguf.orig_shape.<name> field."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    reader = gguf.GGUFReader(path)
+    shapes = {}
+    for t in reader.tensors:
+        field = reader.get_field(f"comfy.gguf.orig_shape.{t.name}")
+        if field is not None:
+            shapes[t.name] = tuple(int(field.parts[i][0]) for i in field.data)
+        else:
+            shapes[t.name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+    return shapes
 
 
 @_cached
@@ -138,12 +165,13 @@ def fit_errors(prompt: dict, passes_model: Callable[[str, int], bool], resolve: 
             continue
         rpath = _router_file(prompt, inputs.get("router"), resolve)
         mpath = _model_file(prompt, inputs.get("model"), passes_model, resolve)
-        if rpath is None or mpath is None or not mpath.endswith(".safetensors"):
+        if rpath is None or mpath is None:
             continue
         try:
-            spec = spec_from_shapes(file_shapes(mpath))
+            shapes = file_shapes(mpath)
+            spec = spec_from_shapes(shapes) if shapes is not None else None
             if spec is None:
-                continue  # not a Wan / HunyuanVideo file: Apply names the supported models when it runs
+                continue  # unreadable here, or not Wan / HunyuanVideo: Apply checks when it runs
             check_router_fits(router_file(rpath), spec)
         except ValueError as e:  # check_router_fits' message (or an unreadable router: RouterFileError)
             errors[nid] = str(e)

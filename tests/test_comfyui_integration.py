@@ -308,6 +308,12 @@ def test_gguf_quantized_model_routes_and_equals_the_reference(server):
     server.run(gguf_prompt("gguf_slow", reference=True))
     fast, slow = saved_latent(server, "gguf_fast"), saved_latent(server, "gguf_slow")
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    # a router that does not fit is refused at /prompt for a GGUF file too (its header read by gguf)
+    bad = gguf_prompt("gguf_bad")
+    bad["2"]["inputs"]["router_name"] = "wan_3blocks.safetensors"
+    with pytest.raises(h.PromptRejected) as e:
+        server.run(bad)
+    assert "blocks: router 3, model 2" in json.dumps(e.value.body["node_errors"])
     # the quantized weights really were used: not the float model's result
     server.run(wan_prompt("wan_live.safetensors", prefix="gguf_float", tile="1,2,3", window="1,3,1"))
     assert not torch.equal(fast, saved_latent(server, "gguf_float"))

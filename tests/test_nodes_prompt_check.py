@@ -113,3 +113,24 @@ def test_mark_puts_the_message_where_validation_reads_it(files):
     ok = mark_prompt({"prompt": prompt()}, passes_model, files)
     assert ok["prompt"]["3"]["inputs"]["tile"] == "official"
     assert mark_prompt({"no prompt": 1}, passes_model, files) == {"no prompt": 1}
+
+
+def test_gguf_model_file_is_read_like_comfyui_gguf_reads_it(files, tmp_path):
+    """A Q8_0 GGUF of the Wan file (5D patch embedding flattened, shape kept in metadata): the same
+    spec as the safetensors, and a UnetLoaderGGUF behind Apply is checked at /prompt too."""
+    pytest.importorskip("gguf", reason="the gguf package (pip install gguf) reads GGUF headers")
+    import comfy_harness
+    from nodes.prompt_check import file_shapes
+
+    src = files("diffusion_models", "m.safetensors")
+    gg = str(comfy_harness.to_gguf(src, tmp_path / "m.gguf"))
+    assert spec_from_shapes(file_shapes(gg)) == spec_from_shapes(file_shapes(src))
+
+    def resolve(folder, name):
+        return gg if (folder, name) == ("unet_gguf", "m.gguf") else files(folder, name)
+
+    p = prompt(router="r3.safetensors", unet="m.gguf")
+    p["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": "m.gguf"}}
+    assert "blocks: router 3, model 2" in fit_errors(p, passes_model, resolve)["3"]
+    p["2"]["inputs"]["router_name"] = "r.safetensors"
+    assert fit_errors(p, passes_model, resolve) == {}
