@@ -62,6 +62,24 @@ def sliding_kept_flops(layout: TileLayout, cfg: SlidingTileConfig, B: int, H: in
     return 4.0 * D * layout.num_tiles * layout.tile_len * keys_per_tile * B * H
 
 
+def branch_mix(heads: int, mix_full: float, scattered: bool = False) -> list[int]:
+    """Branch ids of a routed layer: round(heads * mix_full) full heads, the rest split evenly
+    between sliding tile and core-set, in runs by branch, or (scattered) in a fixed-seed
+    permutation, spread over the heads as a trained router spreads them."""
+    n_full = round(heads * mix_full)
+    n_slide = (heads - n_full) // 2
+    branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (heads - n_full - n_slide)
+    if scattered:
+        branches = [branches[i] for i in torch.randperm(heads, generator=torch.Generator().manual_seed(0)).tolist()]
+    return branches
+
+
+def results_base(kind: str, device_name: str) -> Path:
+    """bench/results/<kind>-<gpu> (add .json / .md)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{kind}-{device_name.lower().replace(' ', '-')}"
+
+
 def sampled_sliding_reference(q, k, v, grid, cfg, rows):
     """Exact sliding-tile attention for the query rows `rows` only, in fp32."""
     return sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, rows=rows)
@@ -138,11 +156,8 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
         add("sdpa on core-set size (floor)", timeit(lambda: F.scaled_dot_product_attention(qc, qc, qc), iters=iters),
             4.0 * D * keep_tokens**2 * B * H)
 
-    n_full = round(H * mix_full)
-    n_slide = (H - n_full) // 2
-    branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (H - n_full - n_slide)
-    perm = torch.randperm(H, generator=torch.Generator().manual_seed(0)).tolist()
-    scattered = [branches[i] for i in perm]
+    branches, scattered = branch_mix(H, mix_full), branch_mix(H, mix_full, scattered=True)
+    n_full, n_slide = branches.count(FULL), branches.count(SLIDING)
     patterns = (("", branches, (False, True)), (" scattered heads", scattered, (False,)))  # side streams: contiguous only
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         for bk in [b for b in ("triton", "flex") if b in backends][:1]:
@@ -178,9 +193,7 @@ def _fmt_err(e):
 
 
 def write(rows, meta):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    gpu = meta["device"].lower().replace(" ", "-")
-    base = RESULTS / f"attention-{gpu}"
+    base = results_base("attention", meta["device"])
     for r in rows:
         r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
     base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

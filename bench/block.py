@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.attention import branch_mix, results_base
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig, routed_attention
 from vorta_ops.kernels.timing import cuda_median_ms
@@ -34,7 +33,6 @@ SHAPES = {
     "wan14b-720p": dict(grid=(20, 45, 80), dim=5120, heads=40, ffn=13824, text=512, tile=WAN_TILE),
     "hunyuan-720p": dict(grid=(30, 45, 80), dim=3072, heads=24, ffn=12288, text=256, tile=HUNYUAN_TILE),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Block(torch.nn.Module):
@@ -68,14 +66,6 @@ def dense(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def branch_mix(heads: int, mix_full: float, seed: int = 0) -> list[int]:
-    n_full = round(heads * mix_full)
-    n_slide = (heads - n_full) // 2
-    branches = [FULL] * n_full + [SLIDING] * n_slide + [CORESET] * (heads - n_full - n_slide)
-    random.Random(seed).shuffle(branches)
-    return branches
-
-
 def run_shape(name, spec, mix_full, iters):
     grid, dim, H = spec["grid"], spec["dim"], spec["heads"]
     L = math.prod(grid)
@@ -83,7 +73,7 @@ def run_shape(name, spec, mix_full, iters):
     block = Block(dim, H, spec["ffn"]).to("cuda", torch.bfloat16)
     x = torch.randn(1, L, dim, device="cuda", dtype=torch.bfloat16)
     ctx = torch.randn(1, spec["text"], 4096, device="cuda", dtype=torch.bfloat16)
-    branches = branch_mix(H, mix_full)
+    branches = branch_mix(H, mix_full, scattered=True)
     rows = []
 
     def add(method, fn, note=""):
@@ -95,7 +85,7 @@ def run_shape(name, spec, mix_full, iters):
     with torch.no_grad():
         add("block, dense attention (cuDNN SDPA)", lambda: block(x, ctx, dense))
         qkv = [block.split(torch.randn_like(x)) for _ in range(3)]
-        add("dense self-attention alone", lambda: dense(*qkv))
+        add("dense self-attention alone", lambda qkv=qkv: dense(*qkv))
         del qkv
         for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
             cfg = RoutedConfig(SlidingTileConfig(tile), CoresetConfig())
@@ -118,8 +108,7 @@ def finish(rows):
 
 
 def write(rows, meta):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    base = RESULTS / f"block-{meta['device'].lower().replace(' ', '-')}"
+    base = results_base("block", meta["device"])
     for r in rows:
         r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
     base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
