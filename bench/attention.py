@@ -74,10 +74,15 @@ def branch_mix(heads: int, mix_full: float, scattered: bool = False) -> list[int
     return branches
 
 
-def results_base(kind: str, device_name: str) -> Path:
-    """bench/results/<kind>-<gpu> (add .json / .md)."""
+def save_results(kind: str, rows: list[dict], meta: dict, md_lines: list[str]) -> None:
+    """bench/results/<kind>-<gpu>.json (rows, each stamped with device, torch and triton) and .md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / f"{kind}-{device_name.lower().replace(' ', '-')}"
+    base = RESULTS / f"{kind}-{meta['device'].lower().replace(' ', '-')}"
+    for r in rows:
+        r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
+    base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    base.with_suffix(".md").write_text("\n".join(md_lines) + "\n")
+    print("wrote", base.with_suffix(".json"), base.with_suffix(".md"))
 
 
 def sampled_sliding_reference(q, k, v, grid, cfg, rows):
@@ -193,10 +198,6 @@ def _fmt_err(e):
 
 
 def write(rows, meta):
-    base = results_base("attention", meta["device"])
-    for r in rows:
-        r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
-    base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [f"# Attention benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, head dim {HEAD_DIM}, batch 1, one call; median of {meta['iters']} runs. "
              f"Speed-up is against the best dense SDPA backend of the same run; TFLOP/s ratio is per kept block (padding counted as work) vs that dense. "
@@ -207,8 +208,7 @@ def write(rows, meta):
         lines.append(f"| {r['shape']} | {r['method']} | {r['ms']:.2f} | {r['speedup_vs_dense_best']:.2f} | {r['tflops'] or ''} | "
                      f"{r['kept_block_tflops_ratio'] if r['kept_block_tflops_ratio'] is not None else ''} | "
                      f"{_fmt_err(r['max_abs_err'])} | {r['note']} |")
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("wrote", base.with_suffix(".json"), base.with_suffix(".md"))
+    save_results("attention", rows, meta, lines)
 
 
 def main(argv=None):

@@ -15,14 +15,13 @@ blocks) is the second shape. Writes bench/results/block-<gpu>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.attention import branch_mix, results_base
+from bench.attention import branch_mix, save_results
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig, routed_attention
 from vorta_ops.kernels.timing import cuda_median_ms
@@ -108,10 +107,6 @@ def finish(rows):
 
 
 def write(rows, meta):
-    base = results_base("block", meta["device"])
-    for r in rows:
-        r.update(device=meta["device"], torch=meta["torch"], triton=meta["triton"])
-    base.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [f"# Transformer-block benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, batch 1, random weights; median of {meta['iters']} runs "
              "of one whole block (self-attention with projections, cross-attention to the text, FFN). "
@@ -121,8 +116,7 @@ def write(rows, meta):
     lines += [f"| {r['shape']} | {r['method']} | {r['ms']:.2f} | "
               f"{'' if r['speedup_vs_dense_block'] is None else format(r['speedup_vs_dense_block'], '.2f')} | {r['note']} |"
               for r in rows]
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("wrote", base.with_suffix(".json"), base.with_suffix(".md"))
+    save_results("block", rows, meta, lines)
 
 
 def main(argv=None):
