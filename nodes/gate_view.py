@@ -15,7 +15,7 @@ from vorta_ops.viz import render_decisions
 
 from .gate_data import summarize, web_payload
 from .models import check_router_fits, inspect_model
-from .patch import STATE_KEY, VortaOptions, VortaState
+from .patch import STATE_KEY, VortaOptions, VortaState, sampling_percent
 from .router_loader import Router
 
 MODES = ("predicted", "last run")
@@ -38,8 +38,15 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
                 "'last run' needs the MODEL output of VORTA Apply after it has sampled: connect the "
                 "patched model and the sampler's LATENT (so this node runs after it), or use 'predicted'"
             )
-        recs = sorted(state.last_run.steps.values(), key=lambda r: -r.sigma)
-        return torch.stack([r.table for r in recs]), [f"step {r.step} (t={r.timestep:.0f})" for r in recs], "VORTA executed routing"
+        recs = sorted((r for r in state.last_run.steps.values() if r.calls), key=lambda r: -r.sigma)
+        if not recs:
+            raise ValueError(
+                "the last run of this model made no video self-attention calls through VORTA (see the log's "
+                "'VORTA -' line); use 'predicted' to see what the router chooses"
+            )
+        skipped = sum(1 for r in state.last_run.steps.values() if not r.calls)
+        title = "VORTA executed routing" + (f" ({skipped} steps reused from a cache not shown)" if skipped else "")
+        return torch.stack([r.table for r in recs]), [_label(r.step, r.sigma) for r in recs], title
     dm = model.model.diffusion_model
     spec = inspect_model(dm)
     if router is None:
@@ -61,10 +68,16 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
     device = next(dm.parameters()).device
     tables, labels = [], []
     for i in range(n):
+        sigma = float(sigmas[i])
         t = float(ms.timestep(sigmas[i : i + 1]).reshape(-1)[0])
-        tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device), i, n))
-        labels.append(f"step {i} (t={t:.0f})")
+        pct = sampling_percent(ms, sigma)
+        tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device), pct if pct is not None else i / n))
+        labels.append(_label(i, sigma))
     return torch.stack(tables), labels, "VORTA predicted routing"
+
+
+def _label(step, sigma: float) -> str:
+    return f"step {step} \u00b7 \u03c3 {sigma:.3f}"
 
 
 class VortaGateVisualizer(io.ComfyNode):

@@ -1,15 +1,21 @@
 """The VORTA patch of a ComfyUI model: state on a clone, one attention override, three hooks.
 
 Data flow of one model call (see shared design):
-  OUTER_SAMPLE wrapper   a fresh VortaRun per sampling run (records, step cache); summary log.
+  OUTER_SAMPLE wrapper   a fresh VortaRun per sampling run (records, step cache, the noise-level
+                         map for dense start/end, the override VORTA hands other calls to);
+                         re-installs VORTA's override when a later node replaced it; summary log.
   DIFFUSION_MODEL wrapper  token grid from the latent, step from the sigmas, routing table from
                          the timestep (router evaluated once per step, shared by cond and uncond);
                          stored in transformer_options[FORWARD_KEY] for the blocks below.
   "dit" block patches    set transformer_options[BLOCK_KEY] = VORTA block index (ComfyUI
                          versions without "block_index"); chain to any patch already there.
-  attention override     routes video self-attention of the current block; everything else
-                         (cross-attention, text refiner, all-full heads) goes to the previous
-                         override or ComfyUI's own backend, unchanged.
+  attention override     routes video self-attention of the current block (a call made inside one
+                         of our block patches); everything else (cross-attention, text refiner,
+                         all-full heads) goes to the previous override or ComfyUI's own backend.
+
+ComfyUI clones a MODEL at every patch node after Apply, and a clone copies model_options
+(0.3.64 with copy.deepcopy). VortaState and VortaRun therefore copy as themselves: whichever copy
+of transformer_options a sampler runs with, it holds the same state the override was made for.
 
 Nothing in this module imports ComfyUI at import time; the hook names are ComfyUI's strings.
 """
@@ -42,6 +48,7 @@ BLOCK_KEY = "vorta_block"  # VORTA block index, set by our dit patches
 WRAPPER_KEY = "vorta"
 
 TILE_PRESETS = ("official", "aligned", "auto")
+PERCENT_EPS = 1e-3  # sampling-percent tolerance (ComfyUI's discrete schedules step by 1/999)
 
 
 def parse_triple(text: str, what: str) -> tuple[int, int, int]:
@@ -132,9 +139,10 @@ class StepRecord:
     sigma: float
     timestep: float
     table: torch.Tensor  # as applied
-    routed_calls: dict[str, int] = field(default_factory=lambda: {n: 0 for n in BRANCH_NAMES})
-    dense_calls: int = 0  # calls that went to the dense backend in full (all-full heads or not routable)
-    fallbacks: int = 0
+    head_calls: dict[str, int] = field(default_factory=lambda: {n: 0 for n in BRANCH_NAMES})
+    calls: int = 0  # video self-attention calls seen (0: a cache skipped the step's blocks)
+    unroutable: int = 0  # video self-attention calls that could not be routed (ran dense)
+    fallbacks: int = 0  # routed calls that failed in a kernel and ran dense
 
 
 class VortaState:
@@ -147,20 +155,32 @@ class VortaState:
         self.prev_override = prev_override
         self.last_run: VortaRun | None = None
 
-    def new_run(self) -> "VortaRun":
-        return VortaRun(self)
+    # Immutable during sampling and shared on purpose: model_options copies keep this object.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
+        return VortaRun(self, prev_override, percent_of)
 
     def table_for(self, diffusion_model, t: float, dtype, device) -> torch.Tensor:
         return self.router.decide(router_embedding(diffusion_model, self.spec, t, dtype, device))
 
-    def apply_overrides(self, table: torch.Tensor, step: int | None, n_steps: int | None) -> torch.Tensor:
-        table = table.clone()
+    def is_dense_step(self, percent: float | None) -> bool:
+        """dense_start / dense_end on ComfyUI's sampling percent of the step's noise level (0 at
+        the highest noise, 1 at none), so every sampler of a split schedule agrees."""
         o = self.options
-        if step is not None and n_steps:
-            pct = step / n_steps
-            if pct < o.dense_start or (o.dense_end > 0 and pct >= 1.0 - o.dense_end):
-                table.fill_(FULL)
-        for b in o.dense_blocks:
+        if percent is None:
+            return False
+        return percent < o.dense_start - PERCENT_EPS or (o.dense_end > 0 and percent >= 1.0 - o.dense_end - PERCENT_EPS)
+
+    def apply_overrides(self, table: torch.Tensor, percent: float | None) -> torch.Tensor:
+        table = table.clone()
+        if self.is_dense_step(percent):
+            table.fill_(FULL)
+        for b in self.options.dense_blocks:
             table[b] = FULL
         return table
 
@@ -168,12 +188,23 @@ class VortaState:
 class VortaRun:
     """Per-sampling-run state: routing tables by timestep, and what was executed."""
 
-    def __init__(self, state: VortaState):
+    def __init__(self, state: VortaState, prev_override=None, percent_of=None):
         self.state = state
+        # the override every call VORTA does not route goes to (the one set before Apply, or one a
+        # node after Apply put in place, found when the run starts)
+        self.prev_override = prev_override if prev_override is not None else state.prev_override
+        self.percent_of = percent_of  # sigma -> ComfyUI sampling percent, or None (then step / steps)
         self.tables: dict[float, torch.Tensor] = {}
         self.steps: dict[int | float, StepRecord] = {}
         self.warned: set[str] = set()
         self.sliding_share = 1.0  # share of keys a sliding-tile query visits (last grid seen)
+        self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     @property
     def spec(self) -> ModelSpec:
@@ -184,21 +215,45 @@ class VortaRun:
             self.warned.add(key)
             log.warning("VORTA: %s", msg)
 
+    def head_calls(self) -> dict[str, int]:
+        """Head-calls of video self-attention per branch, over the run (full includes all-full
+        blocks, dense steps and dense blocks: every video self-attention call counts)."""
+        return {name: sum(r.head_calls[name] for r in self.steps.values()) for name in BRANCH_NAMES}
+
     def summary(self) -> str:
         n = len(self.steps)
-        calls = {name: sum(r.routed_calls[name] for r in self.steps.values()) for name in BRANCH_NAMES}
+        calls = self.head_calls()
         total = sum(calls.values())
-        dense = sum(r.dense_calls for r in self.steps.values())
         fb = sum(r.fallbacks for r in self.steps.values())
+        unroutable = sum(r.unroutable for r in self.steps.values())
         if total == 0:
-            s = f"VORTA - {n} steps, no routed attention calls ({dense} dense calls)"
+            s = f"VORTA - {n} model steps, no video self-attention calls reached VORTA"
         else:
             shares = ", ".join(f"{k} {v / total * 100:.1f}%" for k, v in calls.items())
             work = _relative_work(self, calls)
-            s = f"VORTA - {n} steps, head-calls routed: {shares}; attention work ~{work:.2f}x of dense"
+            s = f"VORTA - {n} steps, video self-attention head-calls: {shares}; attention work ~{work:.2f}x of dense"
+        skipped = sum(1 for r in self.steps.values() if r.calls == 0)
+        if skipped and total:
+            s += f"; {skipped} steps ran no attention (reused from a cache)"
         if fb:
             s += f"; {fb} calls fell back to dense after a kernel error"
+        if unroutable:
+            s += f"; {unroutable} calls could not be routed and ran dense"
         return s
+
+    def check_routed(self) -> None:
+        """After the run: a run whose router chose sparse branches but where nothing was routed
+        says so, once, as a warning (never a silent dense run)."""
+        planned = any(bool((r.table != FULL).any()) for r in self.steps.values())
+        calls = self.head_calls()
+        routed = calls["coreset"] + calls["sliding_tile"]
+        if planned and routed == 0:
+            if sum(calls.values()) == 0:
+                why = ("no self-attention call of the model's transformer blocks reached VORTA's attention override "
+                       "(a node after VORTA Apply may have removed it, or this model variant calls attention another way)")
+            else:
+                why = "every video self-attention call had to run dense (see the warnings above)"
+            log.warning("VORTA: this sampling run should have routed attention but ran dense: %s", why)
 
 
 def _relative_work(run: VortaRun, calls: dict[str, int]) -> float:
@@ -238,13 +293,56 @@ def _named_args(fn, args, kwargs) -> dict:
 
 
 def _step_of(to: dict):
+    """(step index within this sampler's schedule, its number of steps, sigma)."""
     sigmas, sample = to.get("sigmas"), to.get("sample_sigmas")
     if sigmas is None or sample is None or len(sample) < 2:
-        return None, None, float(sigmas[0]) if sigmas is not None else float("nan")
+        return None, None, float(sigmas.reshape(-1)[0]) if sigmas is not None else float("nan")
     s = float(sigmas.reshape(-1)[0])
     ss = sample.reshape(-1).float().cpu()
     step = int((ss - s).abs().argmin())
     return min(step, len(ss) - 2), len(ss) - 1, s
+
+
+def sampling_percent(model_sampling, sigma: float) -> float | None:
+    """ComfyUI's sampling percent (0 = start of denoising, 1 = end) of a noise level: the inverse
+    of model_sampling.percent_to_sigma (monotone), by bisection. None if it cannot be had."""
+    p2s = getattr(model_sampling, "percent_to_sigma", None)
+    if p2s is None or not math.isfinite(sigma):
+        return None
+    try:
+        if sigma >= float(p2s(1e-9)):
+            return 0.0
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if float(p2s(mid)) > sigma:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+    except Exception:
+        log.debug("VORTA: sampling percent unavailable", exc_info=True)
+        return None
+
+
+def _step_percent(run: VortaRun, sigma: float, step, n_steps) -> float | None:
+    if run.percent_of is not None:
+        p = run.percent_of(sigma)
+        if p is not None:
+            return p
+    return step / n_steps if step is not None and n_steps else None
+
+
+@torch.compiler.disable
+def _setup_call(run: VortaRun, dm, to: dict, args, kwargs):
+    """Grid, step and routing table of one model call (eager under torch.compile: it reads the
+    step from transformer_options, which compiled graphs must not bake in). None on failure."""
+    try:
+        return _forward_info(run, dm, to, args, kwargs)
+    except Exception as e:  # a routing set-up failure must not fail the sampling: run dense, say so
+        run.warn_once("setup", f"could not set up routing for this model call ({type(e).__name__}: {e}); using dense attention")
+        log.debug("VORTA set-up error", exc_info=True)
+        return None
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -253,12 +351,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     run = to.get(STATE_KEY) if to is not None else None
     if not isinstance(run, VortaRun):
         return executor(*args, **kwargs)
-    try:
-        to[FORWARD_KEY] = _forward_info(run, executor.class_obj, to, args, kwargs)
-    except Exception as e:  # a routing set-up failure must not fail the sampling: run dense, say so
-        run.warn_once("setup", f"could not set up routing for this model call ({type(e).__name__}: {e}); using dense attention")
-        log.debug("VORTA set-up error", exc_info=True)
+    info = _setup_call(run, executor.class_obj, to, args, kwargs)
+    if info is None:
         return executor(*args, **kwargs)
+    to[FORWARD_KEY] = info
     try:
         return executor(*args, **kwargs)
     finally:
@@ -279,7 +375,7 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     key = round(t, 4)
     if key not in run.tables:
         run.tables[key] = run.state.table_for(dm, t, x.dtype, x.device)
-    table = run.state.apply_overrides(run.tables[key], step, n_steps)
+    table = run.state.apply_overrides(run.tables[key], _step_percent(run, sigma, step, n_steps))
     cfg = run.state.options.routed_config(run.spec, grid)
     run.sliding_share = sliding_share(cfg, grid)
     rec_key = step if step is not None else key
@@ -290,7 +386,8 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
 
 def make_block_patch(index: int, previous=None):
     """A "dit" block replace patch that tags the block index, then runs the block (or the patch
-    another node put there before us)."""
+    another node put there before us). Only attention called inside it is video self-attention
+    VORTA may route: that is how a call is recognised, by where it comes from."""
 
     def block_patch(args, extra):
         args["transformer_options"][BLOCK_KEY] = index
@@ -303,17 +400,6 @@ def make_block_patch(index: int, previous=None):
 
     block_patch.vorta_index = index
     return block_patch
-
-
-def _block_index(to: dict, spec: ModelSpec) -> int | None:
-    if to.get(BLOCK_KEY) is not None:
-        return int(to[BLOCK_KEY])
-    if to.get("block_index") is not None:  # newer ComfyUI
-        idx = int(to["block_index"])
-        if spec.family == "hunyuan" and to.get("block_type") == "single":
-            idx += sum(1 for k, _ in spec.block_keys if k == "double_block")
-        return idx
-    return None
 
 
 def _key_mask(mask, B: int, L: int):
@@ -329,24 +415,53 @@ def _key_mask(mask, B: int, L: int):
     return keep.expand(B, L) if keep.shape[0] == 1 else keep
 
 
+def _delegate(run, prev, func, args, kwargs):
+    """Hand a call to the previous override (or ComfyUI's backend). While inside it, a call that
+    comes back to VORTA (an override that chains to the one it found, i.e. to us) goes straight to
+    the backend instead of looping."""
+    if prev is None:
+        return func(*args, **kwargs)
+    if run is None:
+        return prev(func, *args, **kwargs)
+    was, run.delegating = run.delegating, True
+    try:
+        return prev(func, *args, **kwargs)
+    finally:
+        run.delegating = was
+
+
+def _count(rec, branches, H: int) -> None:
+    if rec is None:
+        return
+    rec.calls += 1
+    for b, name in ((FULL, "full"), (CORESET, "coreset"), (SLIDING, "sliding_tile")):
+        rec.head_calls[name] += int((branches == b).sum()) if branches is not None else (H if b == FULL else 0)
+
+
+@torch.compiler.disable
 def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     """ComfyUI optimized_attention_override: route video self-attention, pass the rest on."""
     to = kwargs.get("transformer_options") or {}
     run = to.get(STATE_KEY)
-    prev = state.prev_override
+    if not isinstance(run, VortaRun) or run.state is not state:
+        prev = state.prev_override
+        return prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
+    if run.delegating:  # came back through an override that chains to VORTA: it wants the backend
+        return func(*args, **kwargs)
+    prev = run.prev_override
 
     def dense():
-        return prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
+        return _delegate(run, prev, func, args, kwargs)
 
-    fwd = to.get(FORWARD_KEY)
-    if not isinstance(run, VortaRun) or run.state is not state or fwd is None:
-        return dense()
+    fwd, block = to.get(FORWARD_KEY), to.get(BLOCK_KEY)
+    if fwd is None or block is None:
+        return dense()  # not inside a transformer block of a routed model call (e.g. a text refiner)
     q, k, v = args[:3]
+    if q.shape != k.shape or q.shape != v.shape:
+        return dense()  # cross-attention
     heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
     skip_reshape = kwargs.get("skip_reshape", False)
     rec = run.steps.get(fwd.step)
-    if q.shape != k.shape or q.shape != v.shape:
-        return dense()  # cross-attention
     if skip_reshape:
         B, H, L, D = q.shape
         qh, kh, vh = q, k, v
@@ -355,29 +470,34 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
         H = int(heads)
         D = HD // H
         qh, kh, vh = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
+    block = int(block)
+
+    def unroutable(key: str, msg: str):
+        run.warn_once(key, msg + "; using dense attention for such calls")
+        if rec is not None:
+            _count(rec, None, H)
+            rec.unroutable += 1
+        return dense()
+
     n_extra = L - fwd.n_grid
     if n_extra < 0:
-        return dense()  # not the video sequence (e.g. HunyuanVideo's text refiner)
-    block = _block_index(to, run.spec)
-    if block is None or block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
-        run.warn_once("block", f"cannot tell which block is running (block={block}, heads={H}); using dense attention")
-        return dense()
+        return unroutable("length", f"a self-attention call in block {block} has {L} tokens, fewer than the {fwd.n_grid}-token video grid {fwd.grid}")
+    if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
+        return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
     branches = fwd.table[block]
     if bool((branches == FULL).all()):
-        if rec is not None:
-            rec.dense_calls += 1
+        _count(rec, branches, H)
         return dense()
     kv_mask = _key_mask(kwargs.get("mask"), B, L)
     if isinstance(kv_mask, str):
-        run.warn_once("mask", "an attention mask that is not a key-padding mask; using dense attention for it")
-        return dense()
+        return unroutable("mask", "an attention mask that is not a key-padding mask")
     n_prefix = n_extra if run.spec.family == "wan" else fwd.n_prefix
     n_suffix = n_extra - n_prefix
     dense_kwargs = {kk: vv for kk, vv in kwargs.items() if kk not in ("heads", "skip_reshape", "skip_output_reshape", "_inside_attn_wrapper")}
 
     def full_fn(qs, ks, vs):
         kw = dict(dense_kwargs, heads=qs.shape[1], skip_reshape=True, skip_output_reshape=True)
-        return prev(func, qs, ks, vs, **kw) if prev is not None else func(qs, ks, vs, **kw)
+        return _delegate(run, prev, func, (qs, ks, vs), kw)
 
     try:
         out = routed_attention(qh, kh, vh, branches, fwd.grid, fwd.cfg, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
@@ -385,28 +505,56 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
         run.warn_once("kernel", f"routed attention failed ({type(e).__name__}: {e}); using dense attention for such calls")
         log.debug("VORTA routed attention error", exc_info=True)
         if rec is not None:
+            _count(rec, None, H)
             rec.fallbacks += 1
         return dense()
-    if rec is not None:
-        for b, name in ((FULL, "full"), (CORESET, "coreset"), (SLIDING, "sliding_tile")):
-            rec.routed_calls[name] += int((branches == b).sum())
+    _count(rec, branches, H)
     if kwargs.get("skip_output_reshape", False):
         return out
     return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def _is_ours(override, state: VortaState) -> bool:
+    return getattr(override, "vorta_state", None) is state
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: a fresh VortaRun per sampling run; log a summary at the end."""
     guider = executor.class_obj
     orig = guider.model_options
-    state = orig.get("transformer_options", {}).get(STATE_KEY)
+    to = orig.get("transformer_options", {})
+    state = to.get(STATE_KEY)
     if not isinstance(state, VortaState):
         return executor(*args, **kwargs)
     import comfy.model_patcher
 
+    override = to.get(OVERRIDE_KEY)
+    if _is_ours(override, state):
+        prev = state.prev_override
+    else:
+        # a node after VORTA Apply set its own attention override (replacing ours): VORTA still
+        # routes video self-attention and hands it everything else, as if it had come first
+        prev = override
+        if override is not None:
+            log.info("VORTA: a node after VORTA Apply set another attention override; VORTA routes video "
+                     "self-attention and hands every other call to it")
+    model_sampling = None
+    try:
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    except Exception:
+        log.debug("VORTA: no model_sampling; dense start/end fall back to step counts", exc_info=True)
+    memo: dict[float, float | None] = {}
+
+    def percent_of(sigma: float):
+        if sigma not in memo:
+            memo[sigma] = sampling_percent(model_sampling, sigma)
+        return memo[sigma]
+
     guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
-    run = state.new_run()
-    guider.model_options["transformer_options"][STATE_KEY] = run
+    run = state.new_run(prev, percent_of if model_sampling is not None else None)
+    run_to = guider.model_options.setdefault("transformer_options", {})
+    run_to[STATE_KEY] = run
+    run_to[OVERRIDE_KEY] = override if _is_ours(override, state) else _bound_override(state)
     try:
         return executor(*args, **kwargs)
     finally:
@@ -414,6 +562,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         state.last_run = run
         try:
             log.info(run.summary())
+            run.check_routed()
         except Exception:  # a summary must never crash a finished run
             log.debug("VORTA summary failed", exc_info=True)
 
@@ -438,8 +587,10 @@ def apply_vorta(model, router: RouterSet, options: VortaOptions):
     to[STATE_KEY] = state
     override = _bound_override(state)
     to[OVERRIDE_KEY] = override
-    m.add_wrapper_with_key(OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
-    m.add_wrapper_with_key(DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    for kind, fn in ((OUTER_SAMPLE, outer_sample_wrapper), (DIFFUSION_MODEL, diffusion_model_wrapper)):
+        if hasattr(m, "remove_wrappers_with_key"):  # Apply after Apply: the second replaces the first
+            m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
     replace = to.get("patches_replace", {}).get("dit", {})
     for i, (kind, n) in enumerate(spec.block_keys):
         previous = replace.get((kind, n))

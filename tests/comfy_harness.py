@@ -20,20 +20,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def comfy_trees() -> list[tuple[str, Path]]:
+    """The ComfyUI source trees to test against, as (version id, path): COMFYUI_PATHS (several,
+    separated by os.pathsep) or COMFYUI_PATH (one). The version id is the tree's comfyui_version."""
+    raw = os.environ.get("COMFYUI_PATHS") or os.environ.get("COMFYUI_PATH") or ""
+    trees = []
+    for part in raw.split(os.pathsep):
+        p = Path(part).resolve() if part else None
+        if p is not None and (p / "main.py").exists():
+            trees.append((tree_version(p), p))
+    return trees
+
+
+def tree_version(p: Path) -> str:
+    v = p / "comfyui_version.py"
+    if v.exists():
+        for line in v.read_text().splitlines():
+            if line.startswith("__version__"):
+                return line.split("=", 1)[1].strip().strip("\"'")
+    return p.name
+
+
 def comfyui_path() -> Path | None:
-    p = os.environ.get("COMFYUI_PATH")
-    return Path(p) if p and (Path(p) / "main.py").exists() else None
+    """The first tree (single-tree callers)."""
+    trees = comfy_trees()
+    return trees[0][1] if trees else None
+
+
+def comfy_python(tree: Path | None = None) -> str:
+    """The Python that runs ComfyUI (servers, model makers) for a tree: COMFYUI_PYTHON_<version>
+    (dots as underscores, e.g. COMFYUI_PYTHON_0_3_64: a tree whose pinned packages differ), else
+    COMFYUI_PYTHON, else this one. It may differ from the one running pytest: ComfyUI needs
+    torchvision, the pack's own tests do not."""
+    py = None
+    if tree is not None:
+        py = os.environ.get("COMFYUI_PYTHON_" + tree_version(tree).replace(".", "_"))
+    py = py or os.environ.get("COMFYUI_PYTHON")
+    return str(Path(py).absolute()) if py else sys.executable
 
 
 def skip_reason() -> str | None:
-    p = comfyui_path()
-    if p is None:
-        return "ComfyUI integration: set COMFYUI_PATH to a ComfyUI source tree (see README, Development)"
-    probe = subprocess.run(
-        [sys.executable, "-c", "import aiohttp, yaml, torchsde, comfy_api"], cwd=p, capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        return f"ComfyUI integration: this Python lacks ComfyUI's requirements ({probe.stderr.strip().splitlines()[-1]})"
+    trees = comfy_trees()
+    if not trees:
+        return "ComfyUI integration: set COMFYUI_PATH (or COMFYUI_PATHS) to ComfyUI source trees (see README, Development)"
+    for _, p in trees:
+        probe = subprocess.run(
+            [comfy_python(p), "-c", "import aiohttp, yaml, torchsde, torchvision, comfy_api"], cwd=p, capture_output=True, text=True
+        )
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            return f"ComfyUI integration: {comfy_python(p)} lacks ComfyUI's requirements ({last})"
     return None
 
 
@@ -57,8 +93,12 @@ _MAKE_MODEL = textwrap.dedent(
                      num_heads=dim // 128, num_layers=layers, text_dim=4096, freq_dim=256,
                      in_dim=ch_in, out_dim=ch_out, operations=ops)
     else:
-        from comfy.ldm.hunyuan_video.model import HunyuanVideo
-        m = HunyuanVideo(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
+        import dataclasses
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
+        # HunyuanVideo 1.5-era ComfyUI added fields (off for HunyuanVideo T2V)
+        later = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}
+        fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
+        m = HunyuanVideo(**{k: v for k, v in later.items() if k in fields}, image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=768,
                          context_in_dim=4096, hidden_size=dim, mlp_ratio=4.0, num_heads=dim // 128,
                          depth=layers, depth_single_blocks=layers, axes_dim=[16, 56, 56], theta=256,
                          patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, operations=ops)
@@ -70,11 +110,11 @@ _MAKE_MODEL = textwrap.dedent(
 )
 
 
-def make_tiny_model(kind: str, out: Path, dim: int = 256, layers: int = 2) -> Path:
+def make_tiny_model(kind: str, out: Path, dim: int = 256, layers: int = 2, tree: Path | None = None) -> Path:
     script = "import sys; sys.argv_real = list(sys.argv)\n" + _MAKE_MODEL
     res = subprocess.run(
-        [sys.executable, "-c", script, kind, str(out), str(dim), str(layers)],
-        cwd=comfyui_path(), capture_output=True, text=True, timeout=300,
+        [comfy_python(tree or comfyui_path()), "-c", script, kind, str(out), str(dim), str(layers)],
+        cwd=tree or comfyui_path(), capture_output=True, text=True, timeout=300,
     )
     if res.returncode != 0:
         raise RuntimeError(f"making tiny {kind} model failed:\n{res.stderr[-3000:]}")
@@ -90,9 +130,10 @@ def gguf_pack_path() -> Path | None:
 def gguf_skip_reason() -> str | None:
     if gguf_pack_path() is None:
         return "GGUF: set COMFYUI_GGUF_PATH to a ComfyUI-GGUF checkout (city96/ComfyUI-GGUF; see README, Development)"
-    probe = subprocess.run([sys.executable, "-c", "import gguf"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return "GGUF: this Python lacks the gguf package (pip install gguf)"
+    for py in {sys.executable, comfy_python()}:
+        probe = subprocess.run([py, "-c", "import gguf"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return f"GGUF: {py} lacks the gguf package (pip install gguf)"
     return None
 
 
@@ -237,8 +278,10 @@ def free_port() -> int:
 class ComfyServer:
     """A headless ComfyUI on 127.0.0.1 with a private base directory."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, tree: Path | None = None, extra_args: tuple[str, ...] = ()):
         self.base = base
+        self.tree = tree or comfyui_path()
+        self.extra_args = tuple(extra_args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -259,9 +302,9 @@ class ComfyServer:
 
     def start(self, timeout: float = 120) -> None:
         self.prepare()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes"]
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        cmd = [comfy_python(self.tree), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes", *self.extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

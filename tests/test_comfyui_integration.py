@@ -30,15 +30,22 @@ def biased_router(family, blocks, heads, embed, table, weight_scale=0.0):
 MIX = [[CORESET, SLIDING], [SLIDING, CORESET]]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
-    srv = h.ComfyServer(base)
+TREES = h.comfy_trees() or [("none", None)]
+
+
+@pytest.fixture(scope="module", params=TREES, ids=[v for v, _ in TREES])
+def server(request, tmp_path_factory):
+    """One real ComfyUI server per ComfyUI tree under test (COMFYUI_PATHS), each with the same
+    tiny models and routers."""
+    version, tree = request.param
+    base = tmp_path_factory.mktemp(f"comfy-{version}")
+    srv = h.ComfyServer(base, tree)
+    srv.version = version
     srv.prepare()
-    h.make_tiny_model("wan", base / "models/diffusion_models/tiny_wan.safetensors", WAN_DIM, WAN_BLOCKS)
-    h.make_tiny_model("hunyuan", base / "models/diffusion_models/tiny_hunyuan.safetensors", 256, 1)
-    h.make_tiny_model("wan22_5b", base / "models/diffusion_models/tiny_wan22_5b.safetensors", WAN_DIM, WAN_BLOCKS)
-    h.make_tiny_model("wan_i2v", base / "models/diffusion_models/tiny_wan_i2v.safetensors", WAN_DIM, WAN_BLOCKS)
+    models = base / "models/diffusion_models"
+    for kind, name, dim, layers in (("wan", "tiny_wan", WAN_DIM, WAN_BLOCKS), ("hunyuan", "tiny_hunyuan", 256, 1),
+                                    ("wan22_5b", "tiny_wan22_5b", WAN_DIM, WAN_BLOCKS), ("wan_i2v", "tiny_wan_i2v", WAN_DIM, WAN_BLOCKS)):
+        h.make_tiny_model(kind, models / f"{name}.safetensors", dim, layers, tree=tree)
     routers = base / "models/vorta_routers"
     save_router(biased_router("wan", 2, 2, WAN_DIM, MIX), routers / "wan_mix.safetensors")
     save_router(biased_router("wan", 2, 2, WAN_DIM, [[FULL, FULL], [FULL, FULL]]), routers / "wan_full.safetensors")
@@ -47,7 +54,6 @@ def server(tmp_path_factory):
     save_router(biased_router("wan", 2, 2, WAN_DIM, MIX, weight_scale=0.3), routers / "wan_live.safetensors")
     save_router(biased_router("hunyuan", 2, 2, 256, MIX), routers / "hy_mix.safetensors")
     if h.gguf_skip_reason() is None:
-        models = base / "models/diffusion_models"
         h.to_gguf(models / "tiny_wan.safetensors", models / "tiny_wan_q8.gguf")
     srv.start()
     yield srv

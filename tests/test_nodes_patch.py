@@ -118,7 +118,7 @@ def test_options_validate_and_dense_overrides():
     spec = inspect_model(WanModel())
     st = P.VortaState(router_for([[1, 2], [2, 1]]), spec, P.VortaOptions(dense_start=0.2, dense_end=0.1, dense_blocks=frozenset({1})))
     table = torch.tensor([[1, 2], [2, 1]], dtype=torch.int8)
-    got = [st.apply_overrides(table, s, 10) for s in range(10)]
+    got = [st.apply_overrides(table, s / 10) for s in range(10)]  # sampling percent of each step
     for s in (0, 1, 9):  # first 20%, last 10%
         assert torch.all(got[s] == FULL)
     for s in range(2, 9):
@@ -165,19 +165,66 @@ def test_override_routes_self_attention_and_passes_the_rest():
     seen.clear()
     P.vorta_attention_override(state, backend, q, kc, kc, heads=2, transformer_options=to)
     assert seen == [((2, 48, 32), False)]
-    assert run.steps[0].routed_calls == {"full": 1, "coreset": 1, "sliding_tile": 2}
+    assert run.steps[0].head_calls == {"full": 1, "coreset": 1, "sliding_tile": 2}
+    assert run.steps[0].calls == 2
 
 
-def test_newer_comfyui_block_index_is_used():
-    state, run, to, _ = _run_with_forward([[FULL, FULL], [CORESET, CORESET]])
-    to["block_index"] = 1
+def test_only_calls_inside_our_block_patches_are_video_attention(caplog):
+    """A self-attention call outside a transformer block (HunyuanVideo's text refiner, even with
+    more tokens than the video and a stale block_index) is passed on, not routed, not warned about."""
+    state, run, to, _ = _run_with_forward([[CORESET, CORESET], [CORESET, CORESET]])
+    to["block_index"] = 1  # ComfyUI's own key: not where the call comes from
     calls = []
+    q = torch.randn(1, 60, 32)  # more tokens than the 48-token video
+    with caplog.at_level(logging.WARNING, logger="vorta"):
+        P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
+    assert calls == [1] and run.steps[0].calls == 0 and not caplog.records
+    to[P.BLOCK_KEY] = 0  # the same call inside block 0: routed (12 extra tokens, attended densely)
+    P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
+    assert calls == [1] and run.steps[0].head_calls["coreset"] == 2
+
+
+def test_all_full_blocks_count_in_the_summary():
+    """Every video self-attention call counts: all-full blocks (and dense steps) are full head-calls."""
+    state, run, to, _ = _run_with_forward([[FULL, FULL], [CORESET, SLIDING]])
     q = torch.randn(1, 48, 32)
-    P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
-    assert calls == [] and run.steps[0].routed_calls["coreset"] == 2
-    to["block_index"] = 0
-    P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
-    assert calls == [1]  # all-full block: the dense backend, exactly as unpatched
+    for block in (0, 1):
+        to[P.BLOCK_KEY] = block
+        P.vorta_attention_override(state, lambda *a, **k: q, q, q, q, heads=2, transformer_options=to)
+    assert run.head_calls() == {"full": 2, "coreset": 1, "sliding_tile": 1}
+    assert "full 50.0%, coreset 25.0%, sliding_tile 25.0%" in run.summary()
+    share = P._relative_work(run, run.head_calls())
+    assert share == pytest.approx((2 + 0.25 + run.sliding_share) / 4)
+
+
+def test_state_survives_deep_copies_of_model_options():
+    """ComfyUI 0.3.64 clones deep-copy model_options: the copy must still route (issue: a patch
+    node after Apply turned routing off)."""
+    m = FakePatcher(WanModel())
+    patched, state = P.apply_vorta(m, router_for([[1, 2], [2, 1]]), P.VortaOptions())
+    after = patched.clone().clone()  # e.g. ModelSamplingSD3, then a LoRA loader
+    to = after.model_options["transformer_options"]
+    assert to[P.STATE_KEY] is state and to[P.OVERRIDE_KEY].vorta_state is state
+    run = state.new_run()
+    assert copy.deepcopy({"r": run})["r"] is run
+
+
+def test_an_override_that_chains_back_to_vorta_does_not_loop():
+    """A node after Apply whose override chains to the one it found (ours): VORTA, re-installed
+    first, hands it non-routed calls; its call back to VORTA goes to the backend."""
+    state, run, to, _ = _run_with_forward([[CORESET, CORESET], [CORESET, CORESET]])
+    ours = P._bound_override(state)
+    seen = []
+
+    def theirs(func, *a, **k):
+        seen.append("theirs")
+        return ours(func, *a, **k)
+
+    run.prev_override = theirs
+    backend_calls = []
+    q, kc = torch.randn(1, 48, 32), torch.randn(1, 8, 32)
+    out = ours(lambda *a, **k: backend_calls.append(1) or q, q, kc, kc, heads=2, transformer_options=to)
+    assert out is q and seen == ["theirs"] and backend_calls == [1]
 
 
 def test_kernel_error_falls_back_to_dense_and_logs_once(caplog, monkeypatch):
