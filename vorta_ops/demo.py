@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .coreset import CoresetConfig, coreset_attention
+from .coreset import CoresetConfig
 from .dispatch import RoutedConfig, routed_attention
-from .full import full_attention
-from .router import BRANCH_NAMES, RouterSet, decision_shares, sinusoidal_embedding
-from .sliding_tile import SlidingTileConfig, sliding_tile_attention
+from .layout import check_grid
+from .router import BRANCH_NAMES, FULL, RouterSet, decision_shares, sinusoidal_embedding
+from .sliding_tile import SlidingTileConfig
 from .viz import render_decisions
 
-__all__ = ["synthetic_video_qkv", "synthetic_router", "timestep_embedding", "run_demo"]
+__all__ = ["synthetic_video_qkv", "synthetic_router", "timestep_embedding", "reference_attention", "run_demo"]
 
 
 def timestep_embedding(t: float, dim: int) -> torch.Tensor:
@@ -76,52 +76,131 @@ def _timed(fn, device):
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+def reference_attention(q, k, v, chunk_bytes: int = 1 << 27) -> torch.Tensor:
+    """Plain attention, softmax(q k^T / sqrt(d)) v, written out in float64 (no SDPA, no code of
+    this pack): the independent reference the demo measures every branch against. Query rows go
+    in chunks of about ``chunk_bytes`` of scores. Returns float64 [B, H, L, D]."""
+    B, H, L, D = q.shape
+    q64, k64, v64 = (x.to(torch.float64) for x in (q, k, v))
+    out = torch.empty(B, H, L, D, dtype=torch.float64, device=q.device)
+    rows = max(1, chunk_bytes // (8 * k.shape[2]))
+    scale = 1.0 / math.sqrt(D)
+    for b in range(B):
+        for h in range(H):
+            kt, vv = k64[b, h].T, v64[b, h]
+            for r0 in range(0, L, rows):
+                s = (q64[b, h, r0:r0 + rows] @ kt) * scale
+                p = (s - s.amax(dim=-1, keepdim=True)).exp()
+                out[b, h, r0:r0 + rows] = (p / p.sum(dim=-1, keepdim=True)) @ vv
+    return out
+
+
+def _errors(o, ref):
+    """(relative Frobenius error, max abs error) of o against the float64 reference."""
+    d = o.to(torch.float64) - ref
+    return float(d.norm() / ref.norm().clamp_min(1e-300)), float(d.abs().max())
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda (or leave --device out)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"the demo runs on cpu or cuda, not {device!r}; use --device cpu or --device cuda")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(
+            f"device {device!r} is not available: {why} (torch {torch.__version__}); "
+            f"use --device cpu, or leave --device out to pick cuda only when it works"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible; "
+            f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
+    return dev
+
+
+def _check_count(name: str, value, even: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    if even and value % 2:
+        raise ValueError(f"{name} must be even (cos/sin feature pairs), got {value}; use e.g. 64")
+    return value
+
+
+def _prepare_out(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file, not a folder; pass a folder path with --out (it is created when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out} ({e.strerror or e}); pass another --out") from None
+    return out
 
 
 def run_demo(
     out_dir="demo_out", grid=(8, 16, 24), heads=8, head_dim=64, blocks=12, steps=10,
     tile=(2, 4, 4), window=(3, 3, 3), device=None, seed=0, log=print,
 ) -> dict:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Runs the three branches and the routed layer on a synthetic video, measures each against
+    an independent float64 reference (``reference_attention``) and checks that the routed layer
+    gives every head exactly its branch's output; writes the routing picture and a JSON summary
+    into ``out_dir``. Bad arguments raise ValueError before anything is computed or written."""
+    grid = check_grid(grid)
+    heads, head_dim = _check_count("heads", heads), _check_count("head_dim", head_dim, even=True)
+    blocks, steps = _check_count("blocks", blocks), _check_count("steps", steps)
+    cfg = RoutedConfig(SlidingTileConfig(tile, window), CoresetConfig())  # checks tile and window
+    device = _resolve_device(device)
+    out = _prepare_out(out_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = RoutedConfig(SlidingTileConfig(tile, window), CoresetConfig())
     q, k, v = synthetic_video_qkv(grid, heads, head_dim, seed=seed, device=device, dtype=dtype)
     L = q.shape[2]
     log(f"VORTA demo on {device} ({dtype}): synthetic video grid {tuple(grid)} = {L} tokens, {heads} heads x {head_dim}")
     if device.type == "cpu":
         log("  (CPU runs the torch reference paths: times show correctness work, not speed-ups)")
-    full_attention(q, k, v)  # warm-up
-    dense, t_dense = _timed(lambda: full_attention(q, k, v), device)
-    branch_runs = {
-        "full": lambda: full_attention(q, k, v),
-        "coreset": lambda: coreset_attention(q, k, v, grid, cfg.coreset),
-        "sliding_tile": lambda: sliding_tile_attention(q, k, v, grid, cfg.sliding),
-    }
+    ref = reference_attention(q, k, v)
     summary = {"device": str(device), "grid": list(grid), "tokens": L, "heads": heads, "head_dim": head_dim,
-               "dense_ms": t_dense, "branches": {}, "steps": []}
-    log(f"  {'branch':<13} {'rel err':>9} {'max abs':>9} {'ms':>8}")
-    for name, fn in branch_runs.items():
-        fn()
-        o, ms = _timed(fn, device)
-        rel, mx = _rel(o, dense), float((o.float() - dense.float()).abs().max())
+               "reference": "float64 softmax(q k^T / sqrt(d)) v", "dense_ms": None, "branches": {}, "steps": []}
+    # each branch as the pack runs it: the routed dispatch with every head on that branch
+    branch_out = {}
+    log(f"  {'branch':<13} {'rel err':>9} {'max abs':>9} {'ms':>8}   (errors against the float64 reference)")
+    for bid, name in enumerate(BRANCH_NAMES):
+        table = torch.full((heads,), bid, dtype=torch.int8)
+        run = lambda: routed_attention(q, k, v, table, grid, cfg)  # noqa: E731
+        run()  # warm-up
+        o, ms = _timed(run, device)
+        branch_out[bid] = o
+        rel, mx = _errors(o, ref)
         summary["branches"][name] = {"rel_err": rel, "max_abs_err": mx, "ms": ms}
-        log(f"  {name:<13} {rel:>9.4f} {mx:>9.4f} {ms:>8.1f}")
+        log(f"  {name:<13} {rel:>9.2e} {mx:>9.2e} {ms:>8.1f}")
+    summary["dense_ms"] = summary["branches"][BRANCH_NAMES[FULL]]["ms"]
     router = synthetic_router(blocks, heads, seed=seed)
     timesteps = torch.linspace(999, 0, steps).tolist()
     tables = torch.stack([router.decide(timestep_embedding(t, router.embed_dim)) for t in timesteps])
-    log(f"  routed layer (block 0) per step:  {'full':>5} {'core':>5} {'slide':>5}  {'rel err':>8} {'ms':>7}")
+    log(f"  routed layer (block 0) per step:  {'full':>5} {'core':>5} {'slide':>5}  {'rel err':>8} {'dispatch':>8} {'ms':>7}")
     for s, t in enumerate(timesteps):
         routed_attention(q, k, v, tables[s, 0], grid, cfg)  # warm-up: a new head split may compile kernels
         o, ms = _timed(lambda: routed_attention(q, k, v, tables[s, 0], grid, cfg), device)
+        # every head must be exactly what its branch gives on its own
+        expect = torch.empty_like(o)
+        for h, b in enumerate(tables[s, 0].tolist()):
+            expect[:, h] = branch_out[b][:, h]
+        dispatch = float((o.float() - expect.float()).abs().max())
         sh = decision_shares(tables[s])
-        row = {"step": s, "timestep": t, "shares": sh, "block0_rel_err": _rel(o, dense), "block0_ms": ms}
+        rel = _errors(o, ref)[0]
+        row = {"step": s, "timestep": t, "shares": sh, "block0_branches": tables[s, 0].tolist(),
+               "block0_rel_err": rel, "block0_dispatch_max_abs": dispatch, "block0_ms": ms}
         summary["steps"].append(row)
         log(f"  step {s:>2} t={t:6.1f}  all blocks: {sh['full']:5.2f} {sh['coreset']:5.2f} {sh['sliding_tile']:5.2f}  "
-            f"{row['block0_rel_err']:8.4f} {ms:7.1f}")
+            f"{rel:8.4f} {dispatch:8.1e} {ms:7.1f}")
+    log("  (rel err: routed layer against the float64 reference; dispatch: max |routed - per-head branch outputs|)")
     img = render_decisions(tables, [f"step {s} (t={t:.0f})" for s, t in enumerate(timesteps)],
                            title="VORTA demo routing (synthetic router)")
     png = out / "vorta_demo_routing.png"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
 import torch
@@ -137,13 +138,34 @@ def _load_safetensors(path: Path) -> RouterSet:
         raise RouterFileError(f"{path}: {e}") from e
 
 
+def _torch_load_failure(e: Exception) -> str:
+    """A short reason for a failed weights-only torch.load, without torch's own advice (which
+    suggests unsafe loading: never pass that on)."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Unpickler" in text:
+        return "its contents are not a plain dict of tensors"
+    if "zip archive" in text or "central directory" in text:
+        return "its zip archive is broken"
+    if isinstance(e, EOFError):
+        return "it ends too early"
+    return type(e).__name__
+
+
 def _load_torch(path: Path) -> RouterSet:
+    import warnings
+
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, unsafe globals
         raise RouterFileError(
-            f"{path}: not a readable torch checkpoint (corrupt, truncated, or not a plain state dict): {e}"
-        ) from e
+            f"{path}: not a router checkpoint - not a readable torch checkpoint ({_torch_load_failure(e)}); "
+            f"the file is corrupt, truncated, or another kind of file. Re-download the official VORTA "
+            f"router.pt, or pass a router .safetensors made by 'python -m vorta_ops convert'"
+        ) from None
     return router_from_state_dict(sd, str(path))
 
 
@@ -159,8 +181,23 @@ def load_router(path: str | os.PathLike) -> RouterSet:
     raise RouterFileError(f"{path}: unknown router file type {suffix!r}; expected .safetensors or .pt")
 
 
+def _atomic_write(dst: Path, write) -> None:
+    """write(tmp_path) into a temporary file next to ``dst``, then os.replace it onto ``dst``:
+    a failure never leaves a half-written ``dst``, and an old ``dst`` survives until the end."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
 def save_router(router: RouterSet, path: str | os.PathLike) -> None:
-    """Write the project's safetensors format."""
+    """Write the project's safetensors format (through a temporary file in the same folder)."""
     from safetensors.torch import save_file
 
     meta = {
@@ -174,20 +211,127 @@ def save_router(router: RouterSet, path: str | os.PathLike) -> None:
         "block_names": json.dumps(router.block_names),
         "meta": json.dumps(router.meta),
     }
-    save_file({"weight": router.weight.contiguous(), "bias": router.bias.contiguous()}, str(path), metadata=meta)
+    tensors = {"weight": router.weight.contiguous(), "bias": router.bias.contiguous()}
+    path = Path(path)
+    try:
+        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except Exception as e:  # OSError, SafetensorError (permissions, disk full, ...)
+        msg = " ".join(str(e).split())
+        raise RouterFileError(f"cannot write {path}: {msg or type(e).__name__}") from e
 
 
-def convert_router(src: str | os.PathLike, dst: str | os.PathLike, config: str | os.PathLike | None = None) -> RouterSet:
+_FAMILY_LABEL = {"wan": "Wan", "hunyuan": "HunyuanVideo", "generic": "generic"}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool, others: tuple[Path, ...] = ()) -> None:
+    if _same_file(src, dst):
+        raise RouterFileError(
+            f"{dst} is the source file {src}; write the converted router to a new .safetensors file"
+        )
+    for other in others:
+        if _same_file(other, dst):
+            raise RouterFileError(f"{dst} is the config file {other}; write the converted router to a new .safetensors file")
+    if dst.is_dir():
+        raise RouterFileError(f"{dst} is a folder; give a file name inside it, e.g. {dst / 'router.safetensors'}")
+    if dst.suffix.lower() != ".safetensors":
+        raise RouterFileError(
+            f"{dst}: convert writes safetensors (a .pt name would hold bytes that nothing reads as .pt); "
+            f"use a .safetensors name for the destination, e.g. {dst.with_suffix('.safetensors').name}"
+        )
+    folder = dst.parent
+    if not folder.exists():
+        raise RouterFileError(f"destination folder {folder} does not exist; create it first or choose another path")
+    if not folder.is_dir():
+        raise RouterFileError(f"{folder} is not a folder, so {dst} cannot be written there; choose another path")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise RouterFileError(f"{dst} already exists; pass --force to overwrite it, or choose another name")
+
+
+_WAN_CLASS = re.compile(r"^Wan[A-Z0-9_]")  # WanTransformer3DModel, ...
+_WAN_PATH = re.compile(r"(?:^|[^a-z])wan(?![a-z])", re.I)  # Wan2.1-T2V-14B-Diffusers, wan_14b; not "wang"
+
+
+def config_family(cfg: dict) -> tuple[str | None, str]:
+    """The model family an official train config.json (or a diffusers transformer config) names,
+    and the evidence: the transformer class ("name"; diffusers' "_class_name"), else the last
+    part of "pretrained_model_path". (None, "") when it names none."""
+    for key in ("name", "_class_name"):
+        val = cfg.get(key)
+        if isinstance(val, str):
+            if "hunyuan" in val.lower():
+                return "hunyuan", f"{key} {val!r}"
+            if _WAN_CLASS.search(val):
+                return "wan", f"{key} {val!r}"
+    val = cfg.get("pretrained_model_path")
+    if isinstance(val, str) and val.strip("/\\"):
+        last = re.split(r"[/\\]", val.strip("/\\"))[-1]
+        if "hunyuan" in last.lower():
+            return "hunyuan", f"pretrained_model_path {val!r}"
+        if _WAN_PATH.search(last):
+            return "wan", f"pretrained_model_path {val!r}"
+    return None, ""
+
+
+def _check_config_fits(cfg: dict, router: RouterSet, config: Path, src: Path) -> None:
+    family, why = config_family(cfg)
+    if family is not None and router.family in ("wan", "hunyuan") and family != router.family:
+        raise RouterFileError(
+            f"{config} is a {_FAMILY_LABEL[family]} config ({why}) but {src} is a "
+            f"{_FAMILY_LABEL[router.family]} router (keys '{router.block_names[0]}.router.linear.*'); "
+            f"pass the config.json saved with this router"
+        )
+    heads = cfg.get("num_attention_heads")
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads != router.heads:
+        raise RouterFileError(
+            f"{config} names {heads} attention heads but {src} routes {router.heads} heads per block; "
+            f"pass the config.json saved with this router"
+        )
+    layers = cfg.get("num_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        single = cfg.get("num_single_layers", 0)
+        blocks = layers + (single if isinstance(single, int) else 0)
+        if blocks != router.blocks:
+            raise RouterFileError(
+                f"{config} names {blocks} transformer blocks but {src} has routers for {router.blocks} blocks; "
+                f"pass the config.json saved with this router"
+            )
+
+
+def convert_router(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> RouterSet:
     """Official checkpoint -> own safetensors. ``config``: the official train config.json, whose
-    self-attention settings are kept in the metadata."""
+    self-attention settings are kept in the metadata; a config that names another model family
+    (or other head / block counts) than the router's is refused. ``dst`` must end in .safetensors,
+    must not be ``src``, and must not exist unless ``overwrite``; it is written through a
+    temporary file, so a failure leaves no partial file (and an old ``dst`` intact)."""
+    src, dst = Path(src), Path(dst)
+    cfg_path = Path(config) if config is not None else None
+    _check_destination(src, dst, overwrite, (cfg_path,) if cfg_path is not None else ())
     router = load_router(src)
-    router.meta.setdefault("source", Path(src).name)
-    if config is not None:
+    router.meta.setdefault("source", src.name)
+    if cfg_path is not None:
+        if cfg_path.is_dir():
+            raise RouterFileError(f"{cfg_path} is a folder; pass the config.json file inside it")
         try:
-            cfg = json.loads(Path(config).read_text())
+            cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as e:
-            raise RouterFileError(f"{config}: not a readable JSON config: {e}") from e
-        attn = cfg.get("self_attention_kwargs", cfg) if isinstance(cfg, dict) else cfg
-        router.meta["official_config"] = json.dumps(attn)
+            raise RouterFileError(f"{cfg_path}: not a readable JSON config: {' '.join(str(e).split())}") from e
+        if not isinstance(cfg, dict):
+            raise RouterFileError(
+                f"{cfg_path}: expected a JSON object (the official train config.json), got a {type(cfg).__name__}"
+            )
+        _check_config_fits(cfg, router, cfg_path, src)
+        router.meta["official_config"] = json.dumps(cfg.get("self_attention_kwargs", cfg))
     save_router(router, dst)
     return router
