@@ -189,10 +189,11 @@ def _inspect_hunyuan(dm, name: str) -> ModelSpec:
         raise _refuse(f"{name} (HunyuanImage 2.1 refiner)", " (an image model: no CLIP vector or vision input)")
     n_double, n_single = len(dm.double_blocks), len(dm.single_blocks)
     keys = tuple(("double_block", i) for i in range(n_double)) + tuple(("single_block", i) for i in range(n_single))
-    flipped = bool(getattr(dm.double_blocks[0], "flipped_img_txt", False)) if n_double else False
+    # ComfyUI versions whose double blocks have flipped_img_txt (set by HunyuanVideo) put the video
+    # before the text in both block kinds; later ones (no such attribute) put the text first
+    joint_text = ("after" if getattr(dm.double_blocks[0], "flipped_img_txt", False) else "before") if n_double else ""
     return ModelSpec(
-        "hunyuan", n_double + n_single, int(dm.num_heads), int(dm.hidden_size), patch, tile, keys, name, variant,
-        "after" if flipped else "before",
+        "hunyuan", n_double + n_single, int(dm.num_heads), int(dm.hidden_size), patch, tile, keys, name, variant, joint_text,
     )
 
 
