@@ -118,11 +118,10 @@ def _resolve_device(device) -> torch.device:
             f"device {device!r} is not available: {why} (torch {torch.__version__}); "
             f"use --device cpu, or leave --device out to pick cuda only when it works"
         )
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible; "
-            f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-        )
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        which = "--device cuda:0 (or cuda)" if n == 1 else f"--device cuda:0 .. cuda:{n - 1}"
+        raise ValueError(f"device {device!r} does not exist: {n} CUDA device(s) visible; use {which}")
     return dev
 
 
