@@ -5,21 +5,8 @@ from comfy_api.latest import io
 
 from .models import inspect_model
 from .prompt_check import marked_error
-from .patch import TILE_PRESETS, VortaOptions, apply_vorta, parse_blocks, parse_triple
+from .patch import apply_vorta, build_options, tile_error
 from .router_loader import Router
-
-
-def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks):
-    return VortaOptions(
-        tile=tile.strip(),
-        window=parse_triple(window, "window"),
-        bucket=parse_triple(bucket, "core-set bucket"),
-        keep_ratio=keep_ratio,
-        similarity=similarity,
-        dense_start=dense_start_percent / 100.0,
-        dense_end=dense_end_percent / 100.0,
-        dense_blocks=parse_blocks(dense_blocks),
-    )
 
 
 class VortaApply(io.ComfyNode):
@@ -49,31 +36,24 @@ class VortaApply(io.ComfyNode):
                 io.Combo.Input("similarity", options=["auto", "q", "qk"], default="auto",
                                tooltip="Core-set selection source: q (Wan), qk = q and k separately (HunyuanVideo); auto picks per model."),
                 io.Float.Input("dense_start_percent", default=0.0, min=0.0, max=100.0, step=1.0,
-                               tooltip="Run this share of the schedule's first steps with full attention."),
+                               tooltip="Full attention for the first share of the denoising (ComfyUI sampling percent of each step's noise level, as core's start_percent; split samplers agree)."),
                 io.Float.Input("dense_end_percent", default=0.0, min=0.0, max=100.0, step=1.0,
-                               tooltip="Run this share of the schedule's last steps with full attention."),
+                               tooltip="Full attention for the last share of the denoising (sampling percent of the noise level)."),
                 io.String.Input("dense_blocks", default="", tooltip="Blocks that always use full attention, e.g. '0,1' or '0-3'."),
             ],
             outputs=[io.Model.Output(tooltip="The model with VORTA routed attention.")],
         )
 
     @classmethod
-    def validate_inputs(cls, tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks, **_):
-        fit = marked_error(tile)  # set at /prompt by prompt_check when the router does not fit
-        if fit is not None:
-            return fit
-        if isinstance(tile, str) and tile.strip() not in TILE_PRESETS:
-            try:
-                parse_triple(tile, "tile")
-            except ValueError as e:
-                return f"{e}; or use one of {', '.join(TILE_PRESETS)}"
-        try:
-            build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks)
-        except ValueError as e:
-            return str(e)
-        if dense_start_percent + dense_end_percent > 100:
-            return f"dense_start_percent + dense_end_percent is {dense_start_percent + dense_end_percent}, at most 100"
-        return True
+    def validate_inputs(cls, tile):
+        # Only `tile` is taken on purpose: ComfyUI repeats a validation message once per input the
+        # function takes. The other options and the router fit are checked when the prompt is
+        # posted (prompt_check's on_prompt handler, which sees the whole node) and handed over in
+        # `tile` as one message; execute checks them again for prompts that bypass that handler.
+        marked = marked_error(tile)
+        if marked is not None:
+            return marked
+        return tile_error(tile) or True
 
     @classmethod
     def execute(cls, model, router, enabled, tile, window, bucket, keep_ratio, similarity,

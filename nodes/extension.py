@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import VortaApply
+from .patch import options_error
 from .gate_view import VortaGateVisualizer
 from .prompt_check import mark_prompt
 from .router_loader import VortaRouterLoader, register_folder
@@ -40,7 +41,7 @@ def _on_prompt(json_data):
         except Exception:
             return None
 
-    return mark_prompt(json_data, _passes_model, resolve)
+    return mark_prompt(json_data, _passes_model, resolve, options_error)
 
 
 def _register_prompt_check() -> None:

@@ -40,10 +40,12 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
             )
         recs = sorted((r for r in state.last_run.steps.values() if r.calls), key=lambda r: -r.sigma)
         if not recs:
-            raise ValueError(
-                "the last run of this model made no video self-attention calls through VORTA (see the log's "
-                "'VORTA -' line); use 'predicted' to see what the router chooses"
-            )
+            # the model sampled but no video self-attention reached VORTA (e.g. an override marked
+            # as VORTA's replaced it): what ran was dense everywhere; show that, say why
+            recs = sorted(state.last_run.steps.values(), key=lambda r: -r.sigma)
+            table = torch.full_like(recs[0].table, FULL)
+            return (torch.stack([table for _ in recs]), [_label(r.step, r.sigma) for r in recs],
+                    "VORTA last run: no video self-attention reached VORTA, all dense (see the log)")
         skipped = sum(1 for r in state.last_run.steps.values() if not r.calls)
         title = "VORTA executed routing" + (f" ({skipped} steps reused from a cache not shown)" if skipped else "")
         return torch.stack([r.table for r in recs]), [_label(r.step, r.sigma) for r in recs], title

@@ -34,7 +34,7 @@ from vorta_ops.layout import auto_tile
 from vorta_ops.router import BRANCH_NAMES, CORESET, FULL, SLIDING, RouterSet
 from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConfig
 
-from .models import ModelSpec, check_router_fits, inspect_model, prefix_tokens, router_embedding, token_grid
+from .models import ModelSpec, call_layout, check_router_fits, inspect_model, router_embedding, split_tokens, video_grid
 
 log = logging.getLogger("vorta")
 
@@ -123,11 +123,55 @@ class VortaOptions:
         )
 
 
+def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks):
+    return VortaOptions(
+        tile=tile.strip(),
+        window=parse_triple(window, "window"),
+        bucket=parse_triple(bucket, "core-set bucket"),
+        keep_ratio=keep_ratio,
+        similarity=similarity,
+        dense_start=dense_start_percent / 100.0,
+        dense_end=dense_end_percent / 100.0,
+        dense_blocks=parse_blocks(dense_blocks),
+    )
+
+
+OPTION_INPUTS = ("tile", "window", "bucket", "keep_ratio", "similarity", "dense_start_percent", "dense_end_percent", "dense_blocks")
+
+
+def tile_error(tile) -> str | None:
+    if isinstance(tile, str) and tile.strip() not in TILE_PRESETS:
+        try:
+            parse_triple(tile, "tile")
+        except ValueError as e:
+            return f"{e}; or use one of {', '.join(TILE_PRESETS)}"
+    return None
+
+
+def options_error(inputs: dict) -> str | None:
+    """What is wrong with a VORTA Apply node's options as posted, in one message; None when they
+    are fine or when one comes from a link (then execute checks it)."""
+    vals = {n: inputs.get(n) for n in OPTION_INPUTS}
+    if any(v is None or isinstance(v, list) for v in vals.values()):
+        return None
+    err = tile_error(vals["tile"])
+    if err:
+        return err
+    try:
+        build_options(**vals)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    total = vals["dense_start_percent"] + vals["dense_end_percent"]
+    if total > 100:
+        return f"dense_start_percent + dense_end_percent is {total}, at most 100"
+    return None
+
+
 @dataclass
 class ForwardInfo:
     grid: tuple[int, int, int]
     n_grid: int
-    n_prefix: int
+    layout: object  # models.CallLayout: where the extra tokens sit in this call's self-attention
     table: torch.Tensor  # int8 [blocks, heads] as applied (dense overrides included)
     cfg: RoutedConfig
     step: int | None
@@ -199,6 +243,7 @@ class VortaRun:
         self.warned: set[str] = set()
         self.sliding_share = 1.0  # share of keys a sliding-tile query visits (last grid seen)
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
+        self.setup_failures = 0  # model calls that ran dense because routing could not be set up
 
     def __copy__(self):
         return self
@@ -239,12 +284,14 @@ class VortaRun:
             s += f"; {fb} calls fell back to dense after a kernel error"
         if unroutable:
             s += f"; {unroutable} calls could not be routed and ran dense"
+        if self.setup_failures:
+            s += f"; {self.setup_failures} model calls ran dense because routing could not be set up"
         return s
 
     def check_routed(self) -> None:
         """After the run: a run whose router chose sparse branches but where nothing was routed
         says so, once, as a warning (never a silent dense run)."""
-        planned = any(bool((r.table != FULL).any()) for r in self.steps.values())
+        planned = self.setup_failures > 0 or any(bool((r.table != FULL).any()) for r in self.steps.values())
         calls = self.head_calls()
         routed = calls["coreset"] + calls["sliding_tile"]
         if planned and routed == 0:
@@ -340,6 +387,9 @@ def _setup_call(run: VortaRun, dm, to: dict, args, kwargs):
     try:
         return _forward_info(run, dm, to, args, kwargs)
     except Exception as e:  # a routing set-up failure must not fail the sampling: run dense, say so
+        if _is_interrupt(e):
+            raise
+        run.setup_failures += 1
         run.warn_once("setup", f"could not set up routing for this model call ({type(e).__name__}: {e}); using dense attention")
         log.debug("VORTA set-up error", exc_info=True)
         return None
@@ -365,11 +415,7 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     """Grid, step and routing table of one model call; records the step."""
     named = _named_args(dm._forward if hasattr(dm, "_forward") else dm.forward, args, kwargs)
     x, timestep = named.get("x", args[0]), named.get("timestep", args[1])
-    extra_frames = 0
-    tdc = named.get("time_dim_concat")
-    if tdc is not None and hasattr(tdc, "shape"):
-        extra_frames = tdc.shape[2]
-    grid = tuple(int(g) for g in to["grid_sizes"]) if to.get("grid_sizes") is not None else token_grid(run.spec, x.shape, extra_frames)
+    grid = video_grid(run.spec, to, named, x.shape)
     step, n_steps, sigma = _step_of(to)
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
@@ -381,7 +427,10 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     rec_key = step if step is not None else key
     if rec_key not in run.steps:
         run.steps[rec_key] = StepRecord(step, sigma, t, table)
-    return ForwardInfo(grid, math.prod(grid), prefix_tokens(run.spec, named), table, cfg, rec_key)
+    layout = call_layout(run.spec, named, grid)
+    if not getattr(layout, "routable", True):
+        run.warn_once("layout", f"this model call cannot be routed ({layout.why})")
+    return ForwardInfo(grid, math.prod(grid), layout, table, cfg, rec_key)
 
 
 def make_block_patch(index: int, previous=None):
@@ -390,13 +439,16 @@ def make_block_patch(index: int, previous=None):
     VORTA may route: that is how a call is recognised, by where it comes from."""
 
     def block_patch(args, extra):
-        args["transformer_options"][BLOCK_KEY] = index
+        to = args.get("transformer_options")
+        if isinstance(to, dict):  # (a block called without options cannot route: it runs as it is)
+            to[BLOCK_KEY] = index
         try:
             if previous is not None:
                 return previous(args, extra)
             return extra["original_block"](args)
         finally:
-            args["transformer_options"].pop(BLOCK_KEY, None)
+            if isinstance(to, dict):
+                to.pop(BLOCK_KEY, None)
 
     block_patch.vorta_index = index
     return block_patch
@@ -453,9 +505,12 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     def dense():
         return _delegate(run, prev, func, args, kwargs)
 
-    fwd, block = to.get(FORWARD_KEY), to.get(BLOCK_KEY)
+    fwd, block = to.get(FORWARD_KEY), to.pop(BLOCK_KEY, None)
     if fwd is None or block is None:
-        return dense()  # not inside a transformer block of a routed model call (e.g. a text refiner)
+        # not the first attention call inside one of our block patches: a text refiner, a VACE
+        # block, the cross-attention or audio attention after a block's self-attention (which,
+        # in every supported block, is its first attention call)
+        return dense()
     q, k, v = args[:3]
     if q.shape != k.shape or q.shape != v.shape:
         return dense()  # cross-attention
@@ -479,9 +534,11 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
             rec.unroutable += 1
         return dense()
 
-    n_extra = L - fwd.n_grid
-    if n_extra < 0:
-        return unroutable("length", f"a self-attention call in block {block} has {L} tokens, fewer than the {fwd.n_grid}-token video grid {fwd.grid}")
+    extra = split_tokens(run.spec, fwd.layout, L, fwd.n_grid)
+    if extra is None:
+        return unroutable("length", f"a self-attention call in block {block} has {L} tokens, which is not the layout "
+                                    f"expected around the {fwd.n_grid}-token video grid {fwd.grid} of {run.spec.describe()}")
+    n_prefix, n_suffix = extra
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
     branches = fwd.table[block]
@@ -491,8 +548,6 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     kv_mask = _key_mask(kwargs.get("mask"), B, L)
     if isinstance(kv_mask, str):
         return unroutable("mask", "an attention mask that is not a key-padding mask")
-    n_prefix = n_extra if run.spec.family == "wan" else fwd.n_prefix
-    n_suffix = n_extra - n_prefix
     dense_kwargs = {kk: vv for kk, vv in kwargs.items() if kk not in ("heads", "skip_reshape", "skip_output_reshape", "_inside_attn_wrapper")}
 
     def full_fn(qs, ks, vs):
@@ -502,6 +557,8 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     try:
         out = routed_attention(qh, kh, vh, branches, fwd.grid, fwd.cfg, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
     except Exception as e:  # never a crash of the whole queue, never silent
+        if _is_interrupt(e):
+            raise
         run.warn_once("kernel", f"routed attention failed ({type(e).__name__}: {e}); using dense attention for such calls")
         log.debug("VORTA routed attention error", exc_info=True)
         if rec is not None:
@@ -512,6 +569,12 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     if kwargs.get("skip_output_reshape", False):
         return out
     return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def _is_interrupt(e: BaseException) -> bool:
+    """ComfyUI's cancel (comfy.model_management.InterruptProcessingException) must reach the
+    executor: it is a user's stop, not a routing failure to run dense through."""
+    return type(e).__name__ == "InterruptProcessingException"
 
 
 def _is_ours(override, state: VortaState) -> bool:

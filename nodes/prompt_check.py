@@ -217,12 +217,24 @@ def fit_errors(prompt: dict, passes_model: Callable[[str, int], bool], resolve: 
     return errors
 
 
-def mark_prompt(json_data: dict, passes_model, resolve) -> dict:
-    """on_prompt handler body: mark the Apply nodes of json_data["prompt"] whose router does not fit."""
+def mark_prompt(json_data: dict, passes_model, resolve, options_error=None) -> dict:
+    """on_prompt handler body: mark the enabled Apply nodes of json_data["prompt"] whose options are
+    wrong (options_error(inputs) -> message or None) or whose router does not fit: one message per
+    node, in the `tile` input that Apply's validation reads."""
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
-    if isinstance(prompt, dict):
-        for nid, msg in fit_errors(prompt, passes_model, resolve).items():
-            prompt[nid]["inputs"]["tile"] = MARK + msg
+    if not isinstance(prompt, dict):
+        return json_data
+    marks = {}
+    if options_error is not None:
+        for nid, node in prompt.items():
+            if isinstance(node, dict) and node.get("class_type") == "VortaApply" and node.get("inputs", {}).get("enabled") is not False:
+                msg = options_error(node.get("inputs", {}))
+                if msg:
+                    marks[nid] = msg
+    for nid, msg in fit_errors(prompt, passes_model, resolve).items():
+        marks.setdefault(nid, msg)
+    for nid, msg in marks.items():
+        prompt[nid]["inputs"]["tile"] = MARK + msg
     return json_data
 
 

@@ -194,17 +194,21 @@ TEST_NODES = textwrap.dedent(
         # sets a logging attention override, as SageAttention-style nodes do (no chaining)
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"model": ("MODEL",), "counter_file": ("STRING", {"default": ""})}}
+            return {"required": {"model": ("MODEL",), "counter_file": ("STRING", {"default": ""})},
+                    "optional": {"chain": ("BOOLEAN", {"default": False})}}
         RETURN_TYPES = ("MODEL",)
         FUNCTION = "run"
         CATEGORY = "testing"
 
-        def run(self, model, counter_file):
+        def run(self, model, counter_file, chain=False):
             m = model.clone()
+            prev = m.model_options["transformer_options"].get("optimized_attention_override") if chain else None
             def override(func, *args, **kwargs):
                 q, k = args[0], args[1]
                 with open(counter_file, "a") as f:
                     f.write(f"{tuple(q.shape)} {tuple(k.shape)} {kwargs.get('skip_reshape', False)}" + chr(10))
+                if prev is not None:  # a careful node chains to the override it found
+                    return prev(func, *args, **kwargs)
                 return func(*args, **kwargs)
             m.model_options["transformer_options"]["optimized_attention_override"] = override
             return (m,)
@@ -246,6 +250,9 @@ TEST_NODES = textwrap.dedent(
                         o = sliding_tile_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.sliding)
                     outs.append(o)
                 return torch.cat(outs, 1).transpose(1, 2).reshape(B, L, HD)
+            # marked as VORTA's own override, so VORTA leaves it in place (it re-installs itself
+            # over any other override set after Apply)
+            override.vorta_state = m.model_options["transformer_options"].get("vorta")
             m.model_options["transformer_options"]["optimized_attention_override"] = override
             return (m,)
 
@@ -278,8 +285,9 @@ def free_port() -> int:
 class ComfyServer:
     """A headless ComfyUI on 127.0.0.1 with a private base directory."""
 
-    def __init__(self, base: Path, tree: Path | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, base: Path, tree: Path | None = None, extra_args: tuple[str, ...] = (), env: dict | None = None):
         self.base = base
+        self.env = {**os.environ, **(env or {})}
         self.tree = tree or comfyui_path()
         self.extra_args = tuple(extra_args)
         self.port = free_port()
@@ -297,14 +305,14 @@ class ComfyServer:
         gguf_pack = gguf_pack_path()
         if gguf_pack is not None and not (cn / "ComfyUI-GGUF").exists():
             (cn / "ComfyUI-GGUF").symlink_to(gguf_pack.resolve(), target_is_directory=True)
-        for d in ("models/diffusion_models", "models/vorta_routers", "input", "output", "temp", "user"):
+        for d in ("models/diffusion_models", "models/vorta_routers", "models/loras", "input", "output", "temp", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
 
     def start(self, timeout: float = 120) -> None:
         self.prepare()
         cmd = [comfy_python(self.tree), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes", *self.extra_args]
-        self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

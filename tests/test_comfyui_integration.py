@@ -6,103 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import comfy_harness as h
-from vorta_ops.router import CORESET, FULL, SLIDING, RouterSet
-from vorta_ops.router_io import save_router
+from comfy_fixtures import MIX, WAN_BLOCKS, gates, saved_latent, wan_prompt
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(h.skip_reason() is not None, reason=h.skip_reason() or "")]
-
-WAN_DIM, WAN_BLOCKS, WAN_HEADS = 256, 2, 2
-
-
-def biased_router(family, blocks, heads, embed, table, weight_scale=0.0):
-    """A router whose argmax is `table` (blocks x heads) at every timestep."""
-    b = torch.zeros(blocks, heads, 3)
-    for i in range(blocks):
-        for j in range(heads):
-            b[i, j, table[i][j]] = 20.0
-    w = torch.randn(blocks, heads * 3, embed, generator=torch.Generator().manual_seed(1)) * weight_scale
-    return RouterSet(family, w, b.reshape(blocks, heads * 3))
-
-
-MIX = [[CORESET, SLIDING], [SLIDING, CORESET]]
-
-
-TREES = h.comfy_trees() or [("none", None)]
-
-
-@pytest.fixture(scope="module", params=TREES, ids=[v for v, _ in TREES])
-def server(request, tmp_path_factory):
-    """One real ComfyUI server per ComfyUI tree under test (COMFYUI_PATHS), each with the same
-    tiny models and routers."""
-    version, tree = request.param
-    base = tmp_path_factory.mktemp(f"comfy-{version}")
-    srv = h.ComfyServer(base, tree)
-    srv.version = version
-    srv.prepare()
-    models = base / "models/diffusion_models"
-    for kind, name, dim, layers in (("wan", "tiny_wan", WAN_DIM, WAN_BLOCKS), ("hunyuan", "tiny_hunyuan", 256, 1),
-                                    ("wan22_5b", "tiny_wan22_5b", WAN_DIM, WAN_BLOCKS), ("wan_i2v", "tiny_wan_i2v", WAN_DIM, WAN_BLOCKS)):
-        h.make_tiny_model(kind, models / f"{name}.safetensors", dim, layers, tree=tree)
-    routers = base / "models/vorta_routers"
-    save_router(biased_router("wan", 2, 2, WAN_DIM, MIX), routers / "wan_mix.safetensors")
-    save_router(biased_router("wan", 2, 2, WAN_DIM, [[FULL, FULL], [FULL, FULL]]), routers / "wan_full.safetensors")
-    save_router(biased_router("wan", 3, 2, WAN_DIM, [[FULL, FULL]] * 3), routers / "wan_3blocks.safetensors")
-    # a real (weight-driven) router: decisions change with the timestep
-    save_router(biased_router("wan", 2, 2, WAN_DIM, MIX, weight_scale=0.3), routers / "wan_live.safetensors")
-    save_router(biased_router("hunyuan", 2, 2, 256, MIX), routers / "hy_mix.safetensors")
-    if h.gguf_skip_reason() is None:
-        h.to_gguf(models / "tiny_wan.safetensors", models / "tiny_wan_q8.gguf")
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-def wan_prompt(router=None, tile="1,2,2", window="1,1,1", prefix="out", override_file=None, extra=None):
-    p = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}},
-        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": 8, "pooled": False}},
-        "5": {"class_type": "VortaTestConditioning", "inputs": {"seed": 2, "tokens": 8, "pooled": False}},
-        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 96, "height": 64, "length": 9, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 3, "cfg": 2.0, "sampler_name": "euler",
-                                                    "scheduler": "simple", "positive": ["4", 0], "negative": ["5", 0],
-                                                    "latent_image": ["6", 0], "denoise": 1.0}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
-    }
-    model = ["1", 0]
-    if override_file:
-        p["20"] = {"class_type": "VortaTestOverride", "inputs": {"model": model, "counter_file": str(override_file)}}
-        model = ["20", 0]
-    if router:
-        p["2"] = {"class_type": "VortaRouterLoader", "inputs": {"router_name": router}}
-        p["3"] = {"class_type": "VortaApply", "inputs": {
-            "model": model, "router": ["2", 0], "enabled": True, "tile": tile, "window": window, "bucket": "2,2,2",
-            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
-        p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 3,
-                                                                  "scheduler": "simple", "latent": ["7", 0]}}
-        p["10"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "predicted", "steps": 3,
-                                                                   "scheduler": "simple"}}
-        model = ["3", 0]
-    p["7"]["inputs"]["model"] = model
-    p.update(extra or {})
-    return p
-
-
-def latent_of(server, entry, node="8"):
-    files = list((server.base / "output").glob(f"{entry['outputs'][node]['latents'][0]['filename']}"))
-    return load_file(str(files[0]))["latent_tensor"]
-
-
-def saved_latent(server, prefix):
-    (f,) = sorted((server.base / "output").glob(f"{prefix}_*.latent"))
-    return load_file(str(f))["latent_tensor"]
-
-
-def gates(entry, node):
-    return entry["outputs"][node]["vorta_gates"][0]
-
 
 def test_routed_run_executes_the_table_and_the_picture_shows_it(server):
     entry = server.run(wan_prompt("wan_mix.safetensors", prefix="mix"))
@@ -172,8 +80,10 @@ def test_mismatched_router_is_rejected_at_prompt_with_both_sizes(server, tmp_pat
             server.run(wan_prompt("wan_3blocks.safetensors", prefix="bad", override_file=override))
         errors = e.value.body["node_errors"]
         assert list(errors) == ["3"]  # VORTA Apply, and nothing else
+        assert len(errors["3"]["errors"]) == 1, errors  # one message per node, not one per input
         msg = json.dumps(errors)
         assert "blocks: router 3, model 2" in msg and "Load the router trained for this model" in msg
+        assert "wan-14B" in msg
     # switched off, Apply passes the model through: the same router is no error, and the
     # visualizers show full attention everywhere instead of failing the workflow
     p = wan_prompt("wan_3blocks.safetensors", prefix="bad_off")
@@ -200,6 +110,18 @@ def test_bad_option_is_rejected_at_validation(server):
     with pytest.raises(h.PromptRejected) as e:
         server.run(p)
     assert "window must be odd" in json.dumps(e.value.body)
+    assert len(e.value.body["node_errors"]["3"]["errors"]) == 1
+
+
+def test_hunyuan_mismatch_names_the_hunyuan_router(server):
+    p = wan_prompt("wan_mix.safetensors", prefix="hy_bad")
+    p["1"]["inputs"]["unet_name"] = "tiny_hunyuan.safetensors"
+    with pytest.raises(h.PromptRejected) as e:
+        server.run(p)
+    errors = e.value.body["node_errors"]["3"]["errors"]
+    assert len(errors) == 1
+    msg = errors[0]["details"]
+    assert "family: router wan, model hunyuan" in msg and "wan-14B" not in msg and "hunyuan" in msg.split("Load the router")[1]
 
 
 def test_hunyuan_video_routes_video_tokens_with_text_after(server):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nodes import patch as P
-from nodes.models import UnsupportedModelError, check_router_fits, inspect_model, token_grid
+from nodes.models import CallLayout, UnsupportedModelError, check_router_fits, inspect_model, token_grid
 from vorta_ops.dispatch import routed_attention
 from vorta_ops.router import CORESET, FULL, SLIDING, RouterSet
 
@@ -127,14 +127,14 @@ def test_options_validate_and_dense_overrides():
     assert P.VortaOptions(tile="4,8,8").tile_for(spec, (1, 1, 1)) == (4, 8, 8)
 
 
-def _run_with_forward(table, grid=(2, 4, 6), n_prefix=0):
+def _run_with_forward(table, grid=(2, 4, 6), n_prefix=0, rest="before"):
     spec = inspect_model(WanModel())
     state = P.VortaState(router_for(table), spec, P.VortaOptions(tile="1,2,2", window=(1, 3, 1), bucket=(2, 2, 2)))
     run = state.new_run()
     t = torch.tensor(table, dtype=torch.int8)
     cfg = state.options.routed_config(spec, grid)
     run.steps[0] = P.StepRecord(0, 1.0, 1000.0, t)
-    to = {P.STATE_KEY: run, P.FORWARD_KEY: P.ForwardInfo(grid, 48, n_prefix, t, cfg, 0)}
+    to = {P.STATE_KEY: run, P.FORWARD_KEY: P.ForwardInfo(grid, 48, CallLayout(n_prefix, 0, rest), t, cfg, 0)}
     return state, run, to, cfg
 
 
@@ -182,6 +182,10 @@ def test_only_calls_inside_our_block_patches_are_video_attention(caplog):
     to[P.BLOCK_KEY] = 0  # the same call inside block 0: routed (12 extra tokens, attended densely)
     P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
     assert calls == [1] and run.steps[0].head_calls["coreset"] == 2
+    # a second self-attention-shaped call in the same block (e.g. Wan cross-attention on 512 text
+    # tokens when the video has 512 tokens too) is not the block's self-attention: passed on
+    P.vorta_attention_override(state, lambda *a, **k: calls.append(1) or q, q, q, q, heads=2, transformer_options=to)
+    assert calls == [1, 1] and run.steps[0].calls == 1
 
 
 def test_all_full_blocks_count_in_the_summary():
@@ -239,6 +243,7 @@ def test_kernel_error_falls_back_to_dense_and_logs_once(caplog, monkeypatch):
     dense_out = torch.full_like(q, 7.0)
     with caplog.at_level(logging.WARNING, logger="vorta"):
         for _ in range(3):
+            to[P.BLOCK_KEY] = 0  # each call as the first of its block
             out = P.vorta_attention_override(state, lambda *a, **k: dense_out, q, q, q, heads=2, transformer_options=to)
             assert out is dense_out
     assert sum("routed attention failed (RuntimeError: no kernel)" in r.message for r in caplog.records) == 1

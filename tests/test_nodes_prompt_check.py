@@ -134,3 +134,24 @@ def test_gguf_model_file_is_read_like_comfyui_gguf_reads_it(files, tmp_path):
     assert "blocks: router 3, model 2" in fit_errors(p, passes_model, resolve)["3"]
     p["2"]["inputs"]["router_name"] = "r.safetensors"
     assert fit_errors(p, passes_model, resolve) == {}
+
+
+def test_option_errors_are_marked_once_per_node(files):
+    """Wrong options are found when the prompt is posted and handed to Apply's validation as one
+    message (ComfyUI would repeat a message once per validated input)."""
+    from nodes.patch import options_error
+
+    data = {"prompt": prompt()}
+    apply_id = next(k for k, v in data["prompt"].items() if v["class_type"] == "VortaApply")
+    data["prompt"][apply_id]["inputs"].update(window="2,3,3", tile="official", bucket="2,3,2", keep_ratio=0.5,
+                                              similarity="auto", dense_start_percent=0.0, dense_end_percent=0.0, dense_blocks="")
+    out = mark_prompt(data, passes_model, files, options_error)
+    assert "window must be odd" in marked_error(out["prompt"][apply_id]["inputs"]["tile"])
+    fine = {"prompt": prompt()}
+    fine["prompt"][apply_id]["inputs"].update(window="3,3,3", tile="4,8,8", bucket="2,3,2", keep_ratio=0.5,
+                                              similarity="auto", dense_start_percent=60.0, dense_end_percent=50.0, dense_blocks="")
+    msg = marked_error(mark_prompt(fine, passes_model, files, options_error)["prompt"][apply_id]["inputs"]["tile"])
+    assert msg == "dense_start_percent + dense_end_percent is 110.0, at most 100"
+    linked = {"prompt": prompt()}
+    linked["prompt"][apply_id]["inputs"].update(window=["99", 0])  # from a link: left to execute
+    assert options_error(linked["prompt"][apply_id]["inputs"]) is None

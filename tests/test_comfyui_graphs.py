@@ -1,0 +1,299 @@
+"""The graphs users build, on a real ComfyUI (each test runs once per ComfyUI tree under test):
+VORTA Apply before and after other patch nodes, split samplers with two experts, caching,
+torch.compile, Apply twice, an interrupted run, Apply switched off.
+
+In each, the branch table the run executed ("last run") must equal the one predicted from the
+router and the schedule, and the output must equal the per-head reference computation (plain
+torch references per head, from the grid and table VORTA's hooks hand down).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import time
+
+import pytest
+import torch
+
+import comfy_harness as h
+from comfy_fixtures import MIX, WAN_BLOCKS, gates, saved_latent, wan_prompt
+from vorta_ops.router import CORESET, SLIDING
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(h.skip_reason() is not None, reason=h.skip_reason() or "")]
+
+_seeds = itertools.count(101)
+LIVE = "wan_live.safetensors"  # decisions change with the timestep
+
+
+def _prompt(router=LIVE, prefix="g", steps=3, **kw):
+    """The base Wan graph (loader -> [Apply] -> sampler) with a seed of its own, so ComfyUI's cache
+    never hands back an earlier test's result."""
+    p = wan_prompt(router, prefix=prefix, tile="1,2,3", window="1,3,1", **kw)
+    p["7"]["inputs"]["seed"] = next(_seeds)
+    p["7"]["inputs"]["steps"] = steps
+    for g in ("9", "10"):
+        if g in p:
+            p[g]["inputs"]["steps"] = steps
+    return p
+
+
+def _after(p, node_id, class_type, sampler="7", **inputs):
+    """Insert a MODEL -> MODEL node right before the sampler (after whatever is there)."""
+    p[node_id] = {"class_type": class_type, "inputs": {"model": p[sampler]["inputs"]["model"], **inputs}}
+    p[sampler]["inputs"]["model"] = [node_id, 0]
+    return p
+
+
+def _before_apply(p, node_id, class_type, **inputs):
+    """Insert a MODEL -> MODEL node between the loader and VORTA Apply."""
+    p[node_id] = {"class_type": class_type, "inputs": {"model": p["3"]["inputs"]["model"], **inputs}}
+    p["3"]["inputs"]["model"] = [node_id, 0]
+    return p
+
+
+def _predict_on_sampler_model(p, sampler="7", gate="10"):
+    """Predicted routing read from the model the sampler gets (a clone of Apply's output, after
+    every patch): the state must survive those clones."""
+    p[gate]["inputs"]["model"] = p[sampler]["inputs"]["model"]
+    return p
+
+
+def _routes_like_reference(server, p, prefix, sampler="7", last="9", predicted="10", atol=1e-4):
+    """Run p; the executed table equals the predicted one and holds sparse branches; the output
+    equals the reference routed computation (the same graph with the reference override last)."""
+    p["8"]["inputs"]["filename_prefix"] = prefix
+    mark = len(server.log.read_text())
+    entry = server.run(p)
+    log = _log_since(server, mark)
+    assert "video self-attention head-calls" in log and "should have routed attention but ran dense" not in log, log[-2000:]
+    ex, pr = gates(entry, last)["steps"], gates(entry, predicted)["steps"]
+    assert ex == pr, (ex, pr)
+    assert any(c != "0" for step in ex for c in step), "nothing was routed"
+    ref = _after(copy.deepcopy(p), "30", "VortaTestReferenceOverride", sampler)
+    ref["8"]["inputs"]["filename_prefix"] = prefix + "_ref"
+    ref.pop(last, None)
+    ref.pop(predicted, None)
+    server.run(ref)
+    fast, slow = saved_latent(server, prefix), saved_latent(server, prefix + "_ref")
+    torch.testing.assert_close(fast, slow, atol=atol, rtol=atol)
+    return entry, fast
+
+
+def _log_since(server, mark: int) -> str:
+    return server.log.read_text()[mark:]
+
+
+def test_model_sampling_after_apply_keeps_routing(server):
+    """The issue's first graph: Apply right after the loader, ModelSamplingSD3 after it (0.3.64
+    deep-copies model_options at that clone)."""
+    p = _predict_on_sampler_model(_after(_prompt(prefix="sd3"), "20", "ModelSamplingSD3", shift=5.0))
+    _routes_like_reference(server, p, "sd3")
+
+
+def test_lora_after_and_before_apply_keeps_routing(server):
+    after = _predict_on_sampler_model(
+        _after(_prompt(prefix="lora_a"), "20", "LoraLoaderModelOnly", lora_name="tiny_wan_lora.safetensors", strength_model=1.0))
+    _, out_after = _routes_like_reference(server, after, "lora_a")
+    before = _before_apply(_prompt(prefix="lora_b"), "20", "LoraLoaderModelOnly",
+                           lora_name="tiny_wan_lora.safetensors", strength_model=1.0)
+    before["7"]["inputs"]["seed"] = after["7"]["inputs"]["seed"]
+    _, out_before = _routes_like_reference(server, before, "lora_b")
+    torch.testing.assert_close(out_after, out_before, atol=1e-4, rtol=1e-4)  # order does not matter
+    plain = _prompt(prefix="lora_none")
+    plain["7"]["inputs"]["seed"] = after["7"]["inputs"]["seed"]
+    server.run(plain)
+    assert (saved_latent(server, "lora_none") - out_after).abs().max() > 1e-3  # the LoRA was applied
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["replacing", "chaining"])
+def test_override_node_after_apply_gets_every_call_vorta_does_not_route(server, tmp_path, chain):
+    """Another attention-override node after Apply (SageAttention-style): VORTA still routes video
+    self-attention and hands it the rest. One that chains back to the override it found (VORTA's)
+    does not loop."""
+    calls = tmp_path / "calls.txt"
+    p = _predict_on_sampler_model(_after(_prompt("wan_mix.safetensors", prefix=f"ovr_{chain}"), "20", "VortaTestOverride",
+                                         counter_file=str(calls), chain=chain))
+    _routes_like_reference(server, p, f"ovr_{chain}")
+    keys = [line.split(") (")[1].split(",")[1].strip() for line in calls.read_text().splitlines()]
+    # the MIX router sends no head to full: only cross-attention (8 text keys) reached it (and in
+    # the reference run nothing: the reference override replaced it)
+    assert keys and set(keys) == {"8"}, keys
+
+
+def test_override_node_before_apply_serves_the_full_heads(server, tmp_path):
+    calls = tmp_path / "calls.txt"
+    p = _before_apply(_prompt("wan_full.safetensors", prefix="ovr_before"), "20", "VortaTestOverride",
+                      counter_file=str(calls))
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["0000"] * 3
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 * 3 * WAN_BLOCKS  # every self- and cross-attention call
+
+
+def test_torch_compile_after_apply_routes_and_counts_graph_breaks(server):
+    """TorchCompileModel (CPU inductor) after Apply: the run completes, routes, and gives the
+    eager routed result. VORTA's hooks are opaque to dynamo (one graph break per routed call and
+    per model call); the count is written to the log for the record."""
+    p = _predict_on_sampler_model(_prompt(prefix="compiled", steps=2))
+    eager = copy.deepcopy(p)
+    eager["8"]["inputs"]["filename_prefix"] = "compiled_eager"
+    server.run(eager)
+    _after(p, "20", "TorchCompileModel", backend="inductor")
+    _predict_on_sampler_model(p)
+    mark = len(server.log.read_text())
+    entry = server.run(p, timeout=900)
+    assert gates(entry, "9")["steps"] == gates(entry, "10")["steps"]
+    log = _log_since(server, mark)
+    assert "video self-attention head-calls" in log and "should have routed" not in log
+    torch.testing.assert_close(saved_latent(server, "compiled"), saved_latent(server, "compiled_eager"), atol=1e-3, rtol=1e-3)
+    breaks = len(re.findall(r"Graph break", log))
+    print(f"\n[{server.version}] TorchCompileModel graph-break log entries: {breaks}")
+    (server.base / f"graph_breaks_{server.version}.txt").write_text(str(breaks))
+
+
+def test_easycache_after_apply_keeps_step_indices(server):
+    """EasyCache skips the blocks of some steps: the steps that ran keep their own index and table,
+    and the log says how many were reused."""
+    steps = 8
+    p = _predict_on_sampler_model(_after(_prompt(prefix="easy", steps=steps), "20", "EasyCache",
+                                         reuse_threshold=3.0, start_percent=0.0, end_percent=1.0, verbose=False))
+    p["8"]["inputs"]["filename_prefix"] = "easy"
+    mark = len(server.log.read_text())
+    entry = server.run(p)
+    last, pred = gates(entry, "9"), gates(entry, "10")
+    step_no = lambda label: int(label.split()[1])
+    ran = {step_no(lbl): t for lbl, t in zip(last["labels"], last["steps"])}
+    predicted = {step_no(lbl): t for lbl, t in zip(pred["labels"], pred["steps"])}
+    assert ran and set(ran) <= set(predicted)
+    assert all(ran[s] == predicted[s] for s in ran), (ran, predicted)
+    skipped = steps - len(ran)
+    assert skipped > 0, "EasyCache reused no step: the test does not test skipping"
+    assert f"{skipped} steps ran no attention" in _log_since(server, mark)
+
+
+def test_apply_twice_on_one_chain_the_second_replaces_the_first(server):
+    p = _prompt("wan_full.safetensors", prefix="twice")
+    p["12"] = {"class_type": "VortaRouterLoader", "inputs": {"router_name": "wan_mix.safetensors"}}
+    p["13"] = dict(copy.deepcopy(p["3"]))
+    p["13"]["inputs"].update(model=["3", 0], router=["12", 0])
+    p["7"]["inputs"]["model"] = ["13", 0]
+    p["9"]["inputs"]["model"] = p["10"]["inputs"]["model"] = ["13", 0]
+    mark = len(server.log.read_text())
+    entry, _ = _routes_like_reference(server, p, "twice")
+    flat = "".join(str(b) for row in MIX for b in row)
+    assert gates(entry, "9")["steps"] == [flat] * 3
+    runs = re.findall(r"VORTA - .*", _log_since(server, mark))
+    assert len(runs) == 2, runs  # one summary per sampling run (routed + reference): no double routing
+
+
+def test_two_experts_split_sampler_dense_start_on_the_noise_level(server):
+    """Wan 2.2 A14B: two models, each with its own Apply and router, two KSamplerAdvanced halves of
+    one 4-step schedule. dense_start 25% makes only the first step of the whole schedule dense:
+    the low-noise expert's first step (half-way) routes."""
+    mix = "".join(str(b) for row in MIX for b in row)
+    swapped = [[SLIDING, CORESET], [CORESET, SLIDING]]
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan_i2v.safetensors", "weight_dtype": "default"}},
+        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": 8, "pooled": False}},
+        "5": {"class_type": "VortaTestConditioning", "inputs": {"seed": 2, "tokens": 8, "pooled": False}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 96, "height": 64, "length": 9, "batch_size": 1}},
+        "11": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "wan_mix.safetensors"}},
+        "12": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "wan_swapped.safetensors"}},
+    }
+    p["1"]["inputs"]["unet_name"] = p["2"]["inputs"]["unet_name"] = "tiny_wan.safetensors"
+    for nid, model, router in (("13", "1", "11"), ("14", "2", "12")):
+        p[nid] = {"class_type": "VortaApply", "inputs": {
+            "model": [model, 0], "router": [router, 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
+            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 25.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
+        p[str(int(nid) + 10)] = {"class_type": "ModelSamplingSD3", "inputs": {"model": [nid, 0], "shift": 8.0}}
+    common = {"add_noise": "enable", "noise_seed": next(_seeds), "steps": 4, "cfg": 2.0, "sampler_name": "euler",
+              "scheduler": "simple", "positive": ["4", 0], "negative": ["5", 0]}
+    p["15"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "model": ["23", 0], "latent_image": ["6", 0],
+                                                             "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
+    p["16"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "add_noise": "disable", "model": ["24", 0], "latent_image": ["15", 0],
+                                                             "start_at_step": 2, "end_at_step": 4, "return_with_leftover_noise": "disable"}}
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "experts"}}
+    p["17"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["23", 0], "mode": "last run", "steps": 4,
+                                                               "scheduler": "simple", "latent": ["16", 0]}}
+    p["18"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["24", 0], "mode": "last run", "steps": 4,
+                                                               "scheduler": "simple", "latent": ["16", 0]}}
+    p["19"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["24", 0], "mode": "predicted", "steps": 4,
+                                                               "scheduler": "simple"}}
+    entry = server.run(p)
+    sw = "".join(str(b) for row in swapped for b in row)
+    assert gates(entry, "17")["steps"] == ["0000", mix]  # global steps 0 (dense start) and 1
+    assert gates(entry, "18")["steps"] == [sw, sw]  # global steps 2 and 3: routed, not "a start"
+    assert gates(entry, "19")["steps"] == ["0000", sw, sw, sw]  # the whole schedule, predicted
+
+
+def test_interrupted_run_leaves_no_stale_state(server):
+    """Interrupt a long routed run mid-sampling, then run normally: routed, as predicted, equal to
+    the reference, one step record per step."""
+    long = _prompt(prefix="interrupted", steps=400)
+    long.pop("9")
+    long.pop("10")
+    code, res = server.post("/prompt", {"prompt": long, "client_id": "vorta-tests"})
+    assert code == 200, res
+    deadline = time.time() + 120
+    while time.time() < deadline and not server.get("/queue")["queue_running"]:
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the sampling loop
+    server.post("/interrupt", {})
+    while server.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.2)
+    hist = server.get(f"/history/{res['prompt_id']}")[res["prompt_id"]]
+    assert hist["status"]["status_str"] != "success"  # it really was interrupted
+    entry, _ = _routes_like_reference(server, _prompt(prefix="after_interrupt"), "after_interrupt")
+    assert len(gates(entry, "9")["steps"]) == 3
+
+
+def test_apply_switched_off_is_bit_identical_to_no_patch(server):
+    seed = next(_seeds)
+    plain = _prompt(None, prefix="no_patch")
+    plain["7"]["inputs"]["seed"] = seed
+    off = _prompt(prefix="apply_off")
+    off["7"]["inputs"]["seed"] = seed
+    off["3"]["inputs"]["enabled"] = False
+    server.run(plain)
+    entry = server.run(off)
+    assert torch.equal(saved_latent(server, "no_patch"), saved_latent(server, "apply_off"))
+    assert gates(entry, "9")["steps"] == ["0000"] * 3
+
+
+def test_summary_counts_every_video_self_attention_call(server):
+    """dense_start 50% of 4 steps and a router with block 0 all full: 2 dense steps x 4 head-calls
+    + 2 routed steps x (2 full + 2 sparse) -> full 75%."""
+    p = _prompt("wan_half_full.safetensors", prefix="counts", steps=4)
+    p["3"]["inputs"]["dense_start_percent"] = 50.0
+    mark = len(server.log.read_text())
+    server.run(p)
+    line = re.findall(r"VORTA - .*", _log_since(server, mark))[0]
+    assert "full 75.0%, coreset 12.5%, sliding_tile 12.5%" in line, line
+
+
+def test_hunyuan_text_refiner_with_a_long_prompt_is_not_taken_for_video(server):
+    """More text tokens (100) than video tokens (48): the text refiner's self-attention is not
+    routed and not warned about; the blocks route as the router says."""
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_hunyuan.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "hy_mix.safetensors"}},
+        "3": {"class_type": "VortaApply", "inputs": {
+            "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,2", "window": "1,1,1", "bucket": "2,2,2",
+            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}},
+        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 3, "tokens": 100, "pooled": True}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": next(_seeds), "steps": 2, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "positive": ["4", 0],
+                                                    "negative": ["4", 0], "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "hy_long"}},
+        "9": {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 2,
+                                                              "scheduler": "simple", "latent": ["7", 0]}},
+    }
+    mark = len(server.log.read_text())
+    entry = server.run(p)
+    assert gates(entry, "9")["steps"] == ["1221"] * 2
+    log = _log_since(server, mark)
+    assert "VORTA:" not in log, log  # no warning of any kind
+    assert "coreset 50.0%, sliding_tile 50.0%" in log
