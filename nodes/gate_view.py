@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from vorta_ops.router import FULL
-from vorta_ops.viz import render_decisions
+from vorta_ops.viz import render_decisions, step_label as _label
 
 from .gate_data import summarize, web_payload
 from .models import check_router_fits, inspect_model
@@ -77,9 +77,6 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
         labels.append(_label(i, sigma))
     return torch.stack(tables), labels, "VORTA predicted routing"
 
-
-def _label(step, sigma: float) -> str:
-    return f"step {step} \u00b7 \u03c3 {sigma:.3f}"
 
 
 class VortaGateVisualizer(io.ComfyNode):

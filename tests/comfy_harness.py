@@ -225,31 +225,52 @@ TEST_NODES = textwrap.dedent(
         CATEGORY = "testing"
 
         def run(self, model):
+            import sys
             import torch.nn.functional as F
             from vorta_ops.coreset import coreset_reference
             from vorta_ops.sliding_tile import sliding_tile_reference
+            # the pack's own token-layout rules (nodes.models of the loaded custom node)
+            models = next(mod for name, mod in list(sys.modules.items())
+                          if name.endswith("nodes.models") and hasattr(mod, "split_tokens"))
             m = model.clone()
             def override(func, *args, **kwargs):
                 to = kwargs["transformer_options"]
-                fwd, block = to.get("vorta_forward"), to.get("vorta_block")
+                fwd, block = to.get("vorta_forward"), to.pop("vorta_block", None)
+                run = to.get("vorta")
                 q, k, v = args[:3]
-                heads = kwargs.get("heads")
-                if fwd is None or block is None or q.shape != k.shape or q.shape[1] != fwd.n_grid:
+                if fwd is None or block is None or q.shape != k.shape:
                     return func(*args, **kwargs)
-                B, L, HD = q.shape
-                D = HD // heads
-                qh, kh, vh = (x.view(B, L, heads, D).transpose(1, 2) for x in (q, k, v))
+                if kwargs.get("skip_reshape", False):
+                    qh, kh, vh = q, k, v
+                    B, H, L, D = q.shape
+                else:
+                    B, L, HD = q.shape
+                    H = kwargs["heads"]
+                    D = HD // H
+                    qh, kh, vh = (x.view(B, L, H, D).transpose(1, 2) for x in (q, k, v))
+                extra = models.split_tokens(run.spec, fwd.layout, L, fwd.n_grid)
+                if extra is None:
+                    return func(*args, **kwargs)
+                pre, suf = extra
+                mask = kwargs.get("mask")
+                keep = None
+                if mask is not None:  # an additive key-padding mask over the whole sequence
+                    keep = (mask.reshape(-1, L) > -1.0).expand(B, L)
                 outs = []
                 for h, b in enumerate(fwd.table[block].tolist()):
                     s = slice(h, h + 1)
                     if b == 0:
-                        o = F.scaled_dot_product_attention(qh[:, s], kh[:, s], vh[:, s])
+                        am = None if keep is None else keep[:, None, None, :]
+                        o = F.scaled_dot_product_attention(qh[:, s], kh[:, s], vh[:, s], attn_mask=am)
                     elif b == 1:
-                        o = coreset_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.coreset).to(q.dtype)
+                        o = coreset_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.coreset, pre, suf, kv_mask=keep).to(q.dtype)
                     else:
-                        o = sliding_tile_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.sliding)
+                        o = sliding_tile_reference(qh[:, s], kh[:, s], vh[:, s], fwd.grid, fwd.cfg.sliding, pre, suf, kv_mask=keep)
                     outs.append(o)
-                return torch.cat(outs, 1).transpose(1, 2).reshape(B, L, HD)
+                out = torch.cat(outs, 1)
+                if kwargs.get("skip_output_reshape", False):
+                    return out
+                return out.transpose(1, 2).reshape(B, L, H * D)
             # marked as VORTA's own override, so VORTA leaves it in place (it re-installs itself
             # over any other override set after Apply)
             override.vorta_state = m.model_options["transformer_options"].get("vorta")

@@ -147,9 +147,12 @@ def test_torch_compile_after_apply_routes_and_counts_graph_breaks(server):
     log = _log_since(server, mark)
     assert "video self-attention head-calls" in log and "should have routed" not in log
     torch.testing.assert_close(saved_latent(server, "compiled"), saved_latent(server, "compiled_eager"), atol=1e-3, rtol=1e-3)
-    breaks = len(re.findall(r"Graph break", log))
-    print(f"\n[{server.version}] TorchCompileModel graph-break log entries: {breaks}")
-    (server.base / f"graph_breaks_{server.version}.txt").write_text(str(breaks))
+    # one entry per graph break dynamo hit while compiling (TORCH_LOGS=graph_breaks)
+    where = re.findall(r"\] Graph break (?:\(user stack suppressed[^)]*\) )?in user code at (\S+?):\d+", log)
+    ours = sum(1 for w in where if "comfyui-vorta" in w)
+    assert ours > 0  # VORTA's hooks are opaque to dynamo, so it does break there
+    print(f"\n[{server.version}] TorchCompileModel graph breaks: {len(where)} ({ours} at VORTA's hooks, "
+          f"{len(where) - ours} in ComfyUI's own code)")
 
 
 def test_easycache_after_apply_keeps_step_indices(server):

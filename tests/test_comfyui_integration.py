@@ -2,6 +2,7 @@
 prompts posted to /prompt, results read from /history and the output folder."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -145,6 +146,20 @@ def test_hunyuan_video_routes_video_tokens_with_text_after(server):
     log = server.log.read_text()
     assert "routed attention failed" not in log
     assert torch.isfinite(saved_latent(server, "hy")).all()
+    # equal to the per-head reference with the text where this ComfyUI puts it (0.3.64: after the
+    # video; 0.19.3: before it)
+    p["30"] = {"class_type": "VortaTestReferenceOverride", "inputs": {"model": ["3", 0]}}
+    p["7"]["inputs"]["model"] = ["30", 0]
+    p["8"]["inputs"]["filename_prefix"] = "hy_ref"
+    p.pop("9")
+    server.run(p)
+    torch.testing.assert_close(saved_latent(server, "hy"), saved_latent(server, "hy_ref"), atol=1e-4, rtol=1e-4)
+    plain = {k: v for k, v in p.items() if k not in ("2", "3", "30")}
+    plain["7"] = copy.deepcopy(p["7"])
+    plain["7"]["inputs"]["model"] = ["1", 0]
+    plain["8"] = dict(p["8"], inputs=dict(p["8"]["inputs"], filename_prefix="hy_plain"))
+    server.run(plain)
+    assert (saved_latent(server, "hy") - saved_latent(server, "hy_plain")).abs().max() > 1e-4  # not just dense
 
 
 WORKFLOWS = sorted((h.ROOT / "workflows").glob("*.json"))

@@ -200,8 +200,8 @@ def run_demo(
         log(f"  step {s:>2} t={t:6.1f}  all blocks: {sh['full']:5.2f} {sh['coreset']:5.2f} {sh['sliding_tile']:5.2f}  "
             f"{rel:8.4f} {dispatch:8.1e} {ms:7.1f}")
     log("  (rel err: routed layer against the float64 reference; dispatch: max |routed - per-head branch outputs|)")
-    img = render_decisions(tables, [f"step {s} (t={t:.0f})" for s, t in enumerate(timesteps)],
-                           title="VORTA demo routing (synthetic router)")
+    # a flow-matching schedule (as Wan and HunyuanVideo use) has sigma = timestep / 1000
+    img = render_decisions(tables, sigmas=[t / 1000.0 for t in timesteps], title="VORTA demo routing (synthetic router)")
     png = out / "vorta_demo_routing.png"
     img.save(png)
     (out / "vorta_demo_summary.json").write_text(json.dumps(summary, indent=2))
