@@ -105,6 +105,26 @@ def wan_prompt(router=None, tile="1,2,2", window="1,1,1", prefix="out", override
     return p
 
 
+def hunyuan_prompt(tokens=7, seed=0, prefix="hy", steps=2):
+    """Tiny HunyuanVideo -> VORTA Apply (hy_mix) -> KSampler -> SaveLatent, with the executed gate
+    view as node 9. 64x64x9 frames: a 3x4x4 = 48-token video grid."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_hunyuan.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "hy_mix.safetensors"}},
+        "3": {"class_type": "VortaApply", "inputs": {
+            "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,2", "window": "1,1,1", "bucket": "2,2,2",
+            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}},
+        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": tokens, "pooled": True}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler",
+                                                    "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 0],
+                                                    "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": prefix}},
+        "9": {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": steps,
+                                                              "scheduler": "simple", "latent": ["7", 0]}},
+    }
+
+
 def latent_of(server, entry, node="8"):
     files = list((server.base / "output").glob(f"{entry['outputs'][node]['latents'][0]['filename']}"))
     return load_file(str(files[0]))["latent_tensor"]

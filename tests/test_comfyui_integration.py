@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import comfy_harness as h
-from comfy_fixtures import MIX, WAN_BLOCKS, gates, saved_latent, wan_prompt
+from comfy_fixtures import MIX, WAN_BLOCKS, gates, hunyuan_prompt, saved_latent, wan_prompt
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(h.skip_reason() is not None, reason=h.skip_reason() or "")]
 
@@ -126,21 +126,7 @@ def test_hunyuan_mismatch_names_the_hunyuan_router(server):
 
 
 def test_hunyuan_video_routes_video_tokens_with_text_after(server):
-    p = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_hunyuan.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "VortaRouterLoader", "inputs": {"router_name": "hy_mix.safetensors"}},
-        "3": {"class_type": "VortaApply", "inputs": {
-            "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,2", "window": "1,1,1", "bucket": "2,2,2",
-            "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}},
-        "4": {"class_type": "VortaTestConditioning", "inputs": {"seed": 1, "tokens": 7, "pooled": True}},
-        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
-        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
-                                                    "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 0],
-                                                    "latent_image": ["6", 0], "denoise": 1.0}},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "hy"}},
-        "9": {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 2,
-                                                              "scheduler": "simple", "latent": ["7", 0]}},
-    }
+    p = hunyuan_prompt()
     entry = server.run(p)
     assert gates(entry, "9")["steps"] == ["1221"] * 2
     log = server.log.read_text()
