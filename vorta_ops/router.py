@@ -1,8 +1,9 @@
 """The VORTA router: one per transformer block, on the timestep embedding only.
 
-Per block i: logits = Linear_i(SiLU(temb)) with weight [3*H, E]; row h*3 + e is head h, branch e;
-probabilities = softmax over the 3 branches per head. Inference takes the argmax per head.
-Branch order (the official one): 0 = full, 1 = core-set, 2 = sliding tile.
+Per block i: logits = Linear_i(SiLU(temb)) with weight [N*H, E], N the number of branches
+(branches.BRANCHES: 3); row h*N + e is head h, branch e; probabilities = softmax over the N
+branches per head. Inference takes the argmax per head. Branch order (the official one, the
+table's ids): 0 = full, 1 = core-set, 2 = sliding tile.
 
 Because the router sees only the timestep embedding, a step's decisions are the same for every
 token and prompt: ``decide`` returns one (blocks x heads) table per step.
@@ -15,16 +16,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .branches import BRANCH_NAMES, BRANCHES, CORESET, FULL, N_BRANCHES, SLIDING
+
 __all__ = ["sinusoidal_embedding", "FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "RouterSet", "decision_shares"]
 
-FULL, CORESET, SLIDING = 0, 1, 2
-BRANCH_NAMES = ("full", "coreset", "sliding_tile")
+# FULL, CORESET, SLIDING and BRANCH_NAMES are the branch table's (branches.py), importable here too
 FAMILIES = ("wan", "hunyuan", "generic")
 
 
 @dataclass
 class RouterSet:
-    """All routers of one model. weight: [blocks, 3*heads, embed_dim]; bias: [blocks, 3*heads].
+    """All routers of one model. weight: [blocks, N*heads, embed_dim]; bias: [blocks, N*heads], N the
+    number of branches (len(BRANCHES)).
 
     block_names: the checkpoint key prefix of each block (e.g. "blocks.0"), in block order.
     For HunyuanVideo the 20 dual-stream blocks come first, then the 40 single-stream blocks.
@@ -40,13 +43,14 @@ class RouterSet:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"router family must be one of {FAMILIES}, got {self.family!r}")
-        if self.weight.dim() != 3 or self.weight.shape[1] % 3:
+        if self.weight.dim() != 3 or self.weight.shape[1] % N_BRANCHES:
             raise ValueError(
-                f"router weight must be [blocks, 3*heads, embed_dim], got {tuple(self.weight.shape)}"
+                f"router weight must be [blocks, {N_BRANCHES}*heads, embed_dim] ({N_BRANCHES} branches per head), "
+                f"got {tuple(self.weight.shape)}"
             )
         if tuple(self.bias.shape) != tuple(self.weight.shape[:2]):
             raise ValueError(
-                f"router bias must be [blocks, 3*heads] = {tuple(self.weight.shape[:2])}, got {tuple(self.bias.shape)}"
+                f"router bias must be [blocks, {N_BRANCHES}*heads] = {tuple(self.weight.shape[:2])}, got {tuple(self.bias.shape)}"
             )
         if not self.block_names:
             self.block_names = [f"blocks.{i}" for i in range(self.blocks)]
@@ -59,7 +63,7 @@ class RouterSet:
 
     @property
     def heads(self) -> int:
-        return self.weight.shape[1] // 3
+        return self.weight.shape[1] // N_BRANCHES
 
     @property
     def embed_dim(self) -> int:
@@ -70,7 +74,7 @@ class RouterSet:
 
     def probs(self, temb: torch.Tensor) -> torch.Tensor:
         """temb: [E] or [B, E] (sample 0 is used: the timestep is shared by the batch).
-        Returns float32 [blocks, heads, 3] branch probabilities."""
+        Returns float32 [blocks, heads, N] branch probabilities (N = len(BRANCHES), by branch id)."""
         if temb.dim() == 2:
             temb = temb[0]
         if temb.dim() != 1 or temb.shape[0] != self.embed_dim:
@@ -79,7 +83,7 @@ class RouterSet:
             )
         x = F.silu(temb.float().to(self.weight.device))
         logits = torch.einsum("e,boe->bo", x, self.weight.float()) + self.bias.float()
-        return logits.view(self.blocks, self.heads, 3).softmax(-1)
+        return logits.view(self.blocks, self.heads, N_BRANCHES).softmax(-1)
 
     def decide(self, temb: torch.Tensor) -> torch.Tensor:
         """Hard routing: int8 [blocks, heads] table of branch ids (argmax over the branches)."""
@@ -105,6 +109,7 @@ def sinusoidal_embedding(t, dim: int) -> torch.Tensor:
 
 
 def decision_shares(table: torch.Tensor) -> dict[str, float]:
-    """Share of (block, head) pairs routed to each branch in a decision table."""
+    """Share of (block, head) pairs routed to each branch in a decision table, by branch name in
+    branch order."""
     n = max(table.numel(), 1)
-    return {name: float((table == i).sum()) / n for i, name in enumerate(BRANCH_NAMES)}
+    return {b.name: float((table == b.id).sum()) / n for b in BRANCHES}

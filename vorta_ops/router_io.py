@@ -1,12 +1,13 @@
 """Router files: the official VORTA checkpoints (.pt) and this project's safetensors format.
 
 Official: a torch.save'd state dict (load with weights_only=True) with keys
-    Wan:          blocks.{i}.router.linear.weight [3*H, E] / .bias [3*H]
+    Wan:          blocks.{i}.router.linear.weight [N*H, E] / .bias [N*H]  (N = 3 branches, branches.py)
     HunyuanVideo: transformer_blocks.{i}.router.linear.*  (dual-stream, first)
                   single_transformer_blocks.{i}.router.linear.*  (single-stream, after)
-Own (.safetensors): tensors "weight" [blocks, 3*H, E] and "bias" [blocks, 3*H], metadata:
-    format=vorta-router, format_version, family, blocks, heads, embed_dim, branch_order,
-    block_names (JSON list), meta (JSON object of strings).
+Own (.safetensors): tensors "weight" [blocks, N*H, E] and "bias" [blocks, N*H], metadata:
+    format=vorta-router, format_version, family, blocks, heads, embed_dim, branch_order (the
+    branch table's names by id, comma-separated), block_names (JSON list), meta (JSON object of
+    strings).
 A safetensors file with official keys (no vorta metadata) loads too.
 """
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .router import BRANCH_NAMES, RouterSet
+from .branches import BRANCH_NAMES, N_BRANCHES
+from .router import RouterSet
 
 __all__ = ["RouterFileError", "load_router", "save_router", "convert_router", "router_from_state_dict"]
 
 FORMAT = "vorta-router"
 FORMAT_VERSION = "1"
-BRANCH_ORDER = ",".join(BRANCH_NAMES)
+BRANCH_ORDER = ",".join(BRANCH_NAMES)  # written to, and checked in, every file this pack saves
 _KEY = re.compile(r"(?:^|\.)(single_transformer_blocks|transformer_blocks|blocks)\.(\d+)\.router\.linear\.(weight|bias)$")
 # HunyuanVideo order: dual-stream blocks, then single-stream blocks
 _GROUP_ORDER = {"blocks": 0, "transformer_blocks": 0, "single_transformer_blocks": 1}
@@ -76,10 +78,10 @@ def router_from_state_dict(sd: dict, source: str = "state dict", meta: dict | No
             biases.append(e["bias"])
             names.append(f"{g}.{i}")
     w0 = weights[0]
-    if w0.dim() != 2 or w0.shape[0] % 3:
+    if w0.dim() != 2 or w0.shape[0] % N_BRANCHES:
         raise RouterFileError(
             f"{source}: '{names[0]}.router.linear.weight' has shape {tuple(w0.shape)}; expected "
-            f"[3*heads, embed_dim] (3 branches per head)"
+            f"[{N_BRANCHES}*heads, embed_dim] ({N_BRANCHES} branches per head: {', '.join(BRANCH_NAMES)})"
         )
     for name, w, b in zip(names, weights, biases):
         if w.shape != w0.shape:
@@ -119,7 +121,10 @@ def _load_safetensors(path: Path) -> RouterSet:
             f"this version of vorta_ops reads version {FORMAT_VERSION}. Update the pack."
         )
     if meta.get("branch_order", BRANCH_ORDER) != BRANCH_ORDER:
-        raise RouterFileError(f"{path}: branch order {meta.get('branch_order')!r}, expected {BRANCH_ORDER!r}")
+        raise RouterFileError(
+            f"{path}: branch order {meta.get('branch_order')!r} (one router logit per branch, in this order), "
+            f"expected {BRANCH_ORDER!r}, the branches of this version of vorta_ops (vorta_ops/branches.py)"
+        )
     if set(tensors) != {"weight", "bias"}:
         raise RouterFileError(f"{path}: expected tensors 'weight' and 'bias', got {sorted(tensors)}")
     w, b = tensors["weight"], tensors["bias"]
@@ -129,8 +134,8 @@ def _load_safetensors(path: Path) -> RouterSet:
         extra = json.loads(meta.get("meta", "{}"))
     except (KeyError, ValueError) as e:
         raise RouterFileError(f"{path}: router metadata is incomplete or malformed ({e!r})") from e
-    got = {"blocks": w.shape[0], "heads": w.shape[1] // 3 if w.dim() == 3 else -1, "embed_dim": w.shape[-1]}
-    if w.dim() != 3 or got != declared or w.shape[1] % 3:
+    got = {"blocks": w.shape[0], "heads": w.shape[1] // N_BRANCHES if w.dim() == 3 else -1, "embed_dim": w.shape[-1]}
+    if w.dim() != 3 or got != declared or w.shape[1] % N_BRANCHES:
         raise RouterFileError(f"{path}: weight shape {tuple(w.shape)} does not match its metadata {declared}")
     try:
         return RouterSet(meta.get("family", "generic"), w, b, names, {str(k): str(v) for k, v in extra.items()})

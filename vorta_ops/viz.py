@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .branches import BRANCH_COLOURS, BRANCH_LABELS, N_BRANCHES
+
 __all__ = [
     "BRANCH_COLORS",
     "DecisionLayout",
@@ -36,9 +38,8 @@ __all__ = [
     "step_label",
 ]
 
-# full = warm red (the expensive one), core-set = blue, sliding tile = green; colour-blind safe-ish
-BRANCH_COLORS = ((213, 94, 0), (0, 114, 178), (0, 158, 115))
-BRANCH_LABELS = ("full", "core-set", "sliding tile")  # as a person reads them in the legend
+# the branch table's colours and legend labels (branches.py), by branch id
+BRANCH_COLORS = BRANCH_COLOURS
 _BG, _FG, _MUTED, _GRID = (255, 255, 255), (20, 20, 20), (90, 90, 90), (200, 200, 200)
 
 # geometry (pixels)
@@ -331,8 +332,12 @@ def _ticks(n: int, spacing: float, need: float) -> list[int]:
     return ticks
 
 
+def _branch_ids(x: np.ndarray) -> np.ndarray:
+    return np.clip(x.astype(np.int64), 0, N_BRANCHES - 1)
+
+
 def _shares(x: np.ndarray) -> np.ndarray:
-    return np.bincount(np.clip(x.reshape(-1).astype(np.int64), 0, 2), minlength=3)[:3] / max(x.size, 1)
+    return np.bincount(_branch_ids(x.reshape(-1)), minlength=N_BRANCHES)[:N_BRANCHES] / max(x.size, 1)
 
 
 def layout_decisions(
@@ -382,7 +387,7 @@ def layout_decisions(
         return tuple(int(i) for i in np.round(np.linspace(0, steps - 1, n)).astype(int)) if n < steps else tuple(range(steps))
 
     overall = _shares(t)
-    legend_txt = [f"{BRANCH_LABELS[i]} {overall[i] * 100:.1f}%" for i in range(3)]
+    legend_txt = [f"{BRANCH_LABELS[i]} {overall[i] * 100:.1f}%" for i in range(N_BRANCHES)]
     sw_legend = 12 + 4  # swatch + gap before its text
     legend_w = sum(sw_legend + f_text.length(s) for s in legend_txt) + 16 * 2
 
@@ -508,8 +513,8 @@ def render_decisions(
     max_panels: int = 24,
     return_layout: bool = False,
 ):
-    """tables: int [steps, blocks, heads] branch ids (torch or numpy), 0 full / 1 core-set /
-    2 sliding tile. step_labels: one per step (default "step i", or step_label(i, sigma) when
+    """tables: int [steps, blocks, heads] branch ids (torch or numpy) of branches.BRANCHES (0 full /
+    1 core-set / 2 sliding tile), each cell painted in its branch's colour. step_labels: one per step (default "step i", or step_label(i, sigma) when
     sigmas, [steps] or the sampler's [steps + 1], are given). Returns an RGB image, or
     (image, DecisionLayout) with return_layout=True. More than max_panels steps (or more than fit
     in max_height) are summarised: evenly spaced panels plus a share strip of every step."""
@@ -520,7 +525,7 @@ def render_decisions(
     d = ImageDraw.Draw(img)
     palette = np.array(BRANCH_COLORS, dtype=np.uint8)
     for p in lay.panels:
-        cells = palette[np.clip(t[p.step].astype(np.int64), 0, 2)]  # [blocks, heads, 3]
+        cells = palette[_branch_ids(t[p.step])]  # [blocks, heads, 3 (rgb)]
         panel = np.repeat(np.repeat(cells, p.cell_h, axis=0), p.cell_w, axis=1)
         if p.cell_h >= 8:  # thin white lines between cells, to count them by
             panel[p.cell_h - 1 :: p.cell_h] = 255
@@ -553,7 +558,7 @@ def _stacked(d: ImageDraw.ImageDraw, shares, x: int, y: int, w: int, h: int, hor
     n = w if horizontal else h
     edges = np.round(np.cumsum(np.concatenate([[0.0], shares])) * n).astype(int)
     edges[-1] = n
-    for i in range(3):
+    for i in range(N_BRANCHES):
         a, b = edges[i], edges[i + 1]
         if b > a:
             box = (x + a, y, x + b - 1, y + h - 1) if horizontal else (x, y + a, x + w - 1, y + b - 1)
