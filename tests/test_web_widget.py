@@ -18,28 +18,92 @@ def run_js(code: str) -> str:
     return res.stdout
 
 
-def test_widget_draws_each_cell_in_its_branch_colour():
-    from nodes.gate_data import web_payload
-    from vorta_ops.viz import BRANCH_COLORS
-
-    tables = torch.tensor([[[0, 1, 2], [2, 2, 1]], [[1, 1, 1], [0, 2, 2]]], dtype=torch.int8)
-    data = web_payload(tables, ["a", "b"])
+def draw(data, step=1, width=300, height=200) -> dict:
+    """drawGates on a recording context: the cell size, every fillRect [fill, x, y, w, h], every
+    fillText [fill, text], and stepShares of the step."""
     out = run_js(
         "import {drawGates, stepShares} from './web/vorta_gates_draw.js';"
         f"const data = {json.dumps(data)};"
-        "const rects = []; const ctx = {fillRect(x, y, w, h) { rects.push([this.fillStyle, x, y, w, h]); },"
-        " fillText() {}, set font(v) {}};"
-        "const cell = drawGates(ctx, data, 1, 300, 200);"
-        "console.log(JSON.stringify({cell, rects, shares: stepShares(data, 1)}));"
+        "const rects = [], texts = []; const ctx = {fillRect(x, y, w, h) { rects.push([this.fillStyle, x, y, w, h]); },"
+        " fillText(t) { texts.push([this.fillStyle, t]); }, set font(v) {}};"
+        f"const cell = drawGates(ctx, data, {step}, {width}, {height});"
+        f"console.log(JSON.stringify({{cell, rects, texts, shares: stepShares(data, {step})}}));"
     )
-    res = json.loads(out)
-    cell, rects = res["cell"], res["rects"]
-    colour = {f"rgb({r},{g},{b})": i for i, (r, g, b) in enumerate(BRANCH_COLORS)}
-    cells = [r for r in rects if r[3] == cell and r[4] == cell]
+    return json.loads(out)
+
+
+def cells_of(res) -> list:
+    cell = res["cell"]
+    return [r for r in res["rects"] if r[3] == cell and r[4] == cell]
+
+
+def swatches_of(res) -> list:
+    return [r[0] for r in res["rects"] if r[3] == 10 and r[4] == 10]
+
+
+def test_widget_draws_each_cell_in_its_branch_colour():
+    from nodes.gate_data import web_payload
+    from vorta_ops.branches import BRANCHES
+
+    tables = torch.tensor([[[0, 1, 2], [2, 2, 1]], [[1, 1, 1], [0, 2, 2]]], dtype=torch.int8)
+    data = web_payload(tables, ["a", "b"])
+    res = draw(data)
+    cell = res["cell"]
+    colour = {b.hex: b.id for b in BRANCHES}  # the payload's colours are the branch table's
+    cells = cells_of(res)
     assert len(cells) == 6
     for fill, x, y, _, _ in cells:
         assert colour[fill] == int(tables[1, y // cell, x // cell])
     assert res["shares"] == pytest.approx([1 / 6, 3 / 6, 2 / 6])
+    assert swatches_of(res) == [b.hex for b in BRANCHES]
+    legend = [t for _, t in res["texts"]]
+    assert [t.rsplit(" ", 1)[0] for t in legend] == [b.label for b in BRANCHES]
+
+
+def test_widget_draws_the_payloads_colours_and_labels():
+    """Colours, names and the number of branches come from the payload (here 4 branches, none of
+    the built-in colours), not from the widget."""
+    data = {"blocks": 2, "heads": 3, "branches": ["a", "b", "c", "d"], "branch_labels": ["A", "B", "C", "D"],
+            "colours": ["#101010", "#ff00ff", "#123456", "#abcdef"], "labels": ["s0", "s1"],
+            "steps": ["000000", "012333"]}
+    res = draw(data)
+    cell = res["cell"]
+    want = [[0, 1, 2], [3, 3, 3]]
+    cells = cells_of(res)
+    assert len(cells) == 6
+    for fill, x, y, _, _ in cells:
+        assert fill == data["colours"][want[y // cell][x // cell]]
+    assert swatches_of(res) == data["colours"]
+    assert [t for _, t in res["texts"]] == ["A 16.7%", "B 16.7%", "C 16.7%", "D 50.0%"]
+    assert res["shares"] == pytest.approx([1 / 6, 1 / 6, 1 / 6, 3 / 6])
+
+
+def test_widget_without_colours_uses_the_first_tables_colours():
+    """A payload from before "colours" (tests/frontend_check.mjs feeds one) draws in the built-in
+    colours, which are the branch table's; an id the payload does not know is drawn black."""
+    from vorta_ops.branches import BRANCHES
+
+    data = {"blocks": 2, "heads": 3, "branches": ["full", "coreset", "sliding_tile"],
+            "labels": ["step 0", "step 1"], "steps": ["012210", "111229"]}
+    res = draw(data)
+    cell = res["cell"]
+    colour = {f"rgb({r},{g},{b})": i for i, (r, g, b) in enumerate(b.colour for b in BRANCHES)}
+    for fill, x, y, _, _ in cells_of(res):
+        k = data["steps"][1][(y // cell) * 3 + x // cell]
+        assert (fill == "#000") if k == "9" else (colour[fill] == int(k))
+    assert [colour[f] for f in swatches_of(res)] == [0, 1, 2]
+    assert [t.rsplit(" ", 1)[0] for _, t in res["texts"]] == data["branches"]
+
+
+def test_web_payload_carries_the_table():
+    from nodes.gate_data import web_payload
+    from vorta_ops.branches import BRANCH_NAMES, BRANCHES
+
+    data = web_payload(torch.tensor([[[0, 1], [2, 2]]], dtype=torch.int8), ["s0"])
+    assert data["branches"] == list(BRANCH_NAMES)
+    assert data["branch_labels"] == [b.label for b in BRANCHES]
+    assert data["colours"] == [b.hex for b in BRANCHES]
+    assert data["steps"] == ["0122"] and data["labels"] == ["s0"] and (data["blocks"], data["heads"]) == (2, 2)
 
 
 def test_extension_module_parses():
