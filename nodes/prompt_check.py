@@ -22,9 +22,9 @@ import os
 from typing import Callable
 
 from vorta_ops.router_io import load_router
-from vorta_ops.sliding_tile import HUNYUAN_TILE, WAN_TILE
 
-from .models import HUNYUAN15_TILE, ModelSpec, check_router_fits
+from .families import from_header
+from .models import ModelSpec, check_router_fits
 
 # inputs["tile"] of a VORTA Apply whose router does not fit: MARK + the message. Only this module
 # writes it (into the prompt being validated); Apply's validate_inputs turns it into the error.
@@ -39,7 +39,6 @@ LOADERS = {
     "UnetLoaderGGUF": ("unet_gguf", "unet_name"),  # ComfyUI-GGUF
     "UnetLoaderGGUFAdvanced": ("unet_gguf", "unet_name"),
 }
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _MAX_HOPS = 64
 
 
@@ -100,65 +99,13 @@ def router_file(path: str):
     return load_router(path)
 
 
-def _count(keys, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
-    return max(ids) + 1 if ids else 0
-
-
-# Wan variant by the state-dict key that ComfyUI's model detection checks for it (in its order)
-_WAN_VARIANT_KEYS = (
-    ("vace_patch_embedding.weight", "wan_vace", "VaceWanModel"),
-    ("control_adapter.conv.weight", "wan_camera", "CameraWanModel"),
-    ("casual_audio_encoder.encoder.final_linear.weight", "wan_s2v", "WanModel_S2V"),
-    ("audio_proj.audio_proj_glob_1.layer.bias", "wan_humo", "HumoWanModel"),
-    ("face_adapter.fuser_blocks.0.k_norm.weight", "wan_animate", "AnimateWanModel"),
-    ("patch_embedding_pose.weight", "wan_scail", "SCAILWanModel"),
-)
-
-
-def _wan_spec(shapes, pre: str) -> ModelSpec:
-    dim = shapes[pre + "head.modulation"][-1]
-    blocks = _count(shapes, pre + "blocks.")
-    patch = tuple(shapes.get(pre + "patch_embedding.weight", (0, 0, 1, 2, 2))[2:])
-    variant, cls = "wan", "WanModel"
-    for key, v, c in _WAN_VARIANT_KEYS:
-        if pre + key in shapes:
-            variant, cls = v, c
-            break
-    else:
-        if pre + "ref_conv.weight" in shapes:
-            variant = "wan_refconv"
-    return ModelSpec("wan", blocks, dim // 128, dim, patch, WAN_TILE,
-                     tuple(("double_block", i) for i in range(blocks)), f"{cls} (file header)", variant)
-
-
-def _hunyuan_spec(shapes, pre: str) -> ModelSpec | None:
-    w = shapes[pre + "img_in.proj.weight"]
-    hidden, patch = w[0], tuple(w[2:])
-    if len(patch) != 3:
-        return None  # HunyuanImage 2.1 (2D patch): refused
-    if pre + "vision_in.proj.0.weight" in shapes:
-        variant, tile = "hunyuan_video_1.5", HUNYUAN15_TILE
-    elif patch != (1, 1, 1) or any(k.startswith(pre + "vector_in.") for k in shapes):
-        variant, tile = "hunyuan_video", HUNYUAN_TILE
-    else:  # HunyuanImage 2.1 refiner: patch 1x1x1, neither a CLIP vector (vector_in) nor a vision input
-        return None
-    nd, ns = _count(shapes, pre + "double_blocks."), _count(shapes, pre + "single_blocks.")
-    keys = tuple(("double_block", i) for i in range(nd)) + tuple(("single_block", i) for i in range(ns))
-    return ModelSpec("hunyuan", nd + ns, hidden // 128, hidden, patch, tile, keys, "HunyuanVideo (file header)", variant)
-
-
 def spec_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ModelSpec | None:
-    """The ModelSpec of a Wan or HunyuanVideo state dict, from tensor names and shapes alone (the
-    rules ComfyUI's model detection uses: heads = width // 128; the variant by its marker keys). None
-    for anything else, and for the HunyuanVideo-class image models VORTA refuses (HunyuanImage 2.1
-    and its refiner), so Apply refuses them when it runs."""
-    for pre in _PREFIXES:
-        if pre + "head.modulation" in shapes and pre + "blocks.0.self_attn.q.weight" in shapes:  # Wan 2.1 / 2.2
-            return _wan_spec(shapes, pre)
-        if pre + "txt_in.individual_token_refiner.blocks.0.norm1.weight" in shapes and pre + "img_in.proj.weight" in shapes:
-            return _hunyuan_spec(shapes, pre)
-    return None
+    """The ModelSpec of a model file from tensor names and shapes alone: each model family's header
+    rules (nodes/families: the rules ComfyUI's model detection uses, e.g. heads = width // 128 and the
+    variant by its marker keys), next to that family's detection of model objects. None for anything
+    else, and for configurations VORTA refuses (e.g. HunyuanImage 2.1 and its refiner), so Apply
+    refuses them when it runs."""
+    return from_header(shapes)
 
 
 def _model_file(prompt: dict, link, passes_model: Callable[[str, int], bool], resolve) -> str | None:

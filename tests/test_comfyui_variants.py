@@ -1,7 +1,8 @@
 """Every ComfyUI video model variant VORTA knows, built tiny (random weights, 2 heads of 128, 1-2
 blocks) from each ComfyUI tree's own classes, run once with a recording attention override and
 "dit" block patches like the pack's: nodes.models' verdict per variant (routes / refused with the
-supported list) and, for routed ones, its token layout against what the real model does.
+supported list) and, for routed ones, its token layout against what the real model does; and the
+/prompt-time header rules on each model's own state dict against its object spec.
 
 Layout check, per routed variant: every self-attention call inside a main-block patch has length
 prefix + prod(grid) + suffix with split_tokens' (prefix, suffix), which match the extra tokens the
@@ -130,6 +131,26 @@ def test_routed_variant_layout_matches_the_model(tree, name):
 
 
 @pytest.mark.parametrize("tree", TREE_PARAMS, ids=TREE_IDS)
+@pytest.mark.parametrize("name", list(ROUTED) + list(REFUSED))
+def test_header_spec_matches_the_model_spec(tree, name):
+    """One detection path: the /prompt rules (families' from_header) on the real model's own
+    state-dict header give the spec its model object gives, and nothing for the image models VORTA
+    refuses."""
+    r = _result(tree, name)
+    head = r["header"]
+    if name in ("hunyuan_image_refiner", "hunyuan_image_2.1"):
+        assert head is None
+        return
+    if r["status"] == "refused":  # a subclass of WanModel / 0.3.64's S2V: a header cannot tell, Apply refuses at run
+        assert head is not None and head["family"] == "wan"
+        return
+    assert head is not None, name
+    got = {k: head[k] for k in ("family", "variant", "blocks", "heads", "embed", "patch", "tile", "block_keys")}
+    want = {k: r[k] for k in ("family", "variant", "blocks", "heads", "embed", "patch", "tile", "block_keys")}
+    assert got == want
+
+
+@pytest.mark.parametrize("tree", TREE_PARAMS, ids=TREE_IDS)
 def test_hunyuan_joint_order_follows_the_tree(tree):
     r = _result(tree, "hunyuan_video")
     src = (tree / "comfy/ldm/hunyuan_video/model.py").read_text()
@@ -158,10 +179,15 @@ comfy.options.enable_args_parsing()
 import torch
 import comfy.ops
 sys.path.append(ROOT)
-spec_ = importlib.util.spec_from_file_location("vorta_models", ROOT + "/nodes/models.py")
-VM = importlib.util.module_from_spec(spec_)
-sys.modules["vorta_models"] = VM
-spec_.loader.exec_module(VM)
+# the pack's nodes/ as package "vorta_nodes" without running its __init__ (which registers ComfyUI
+# nodes): its models module and the model-family registry it dispatches to
+import types
+_pkg = types.ModuleType("vorta_nodes")
+_pkg.__path__ = [ROOT + "/nodes"]
+sys.modules["vorta_nodes"] = _pkg
+import importlib
+VM = importlib.import_module("vorta_nodes.models")
+VF = importlib.import_module("vorta_nodes.families")
 
 ops = comfy.ops.disable_weight_init
 torch.manual_seed(0)
@@ -236,7 +262,8 @@ def build(v):
         m = need("HumoWanModel")(**wan_kw())
         return m, dict(x=x(), timestep=t, context=ctx, reference_latent=x(t=1), audio_embed=R(1, 3, 8, 5, 1280))
     if v == "wan_animate":
-        m = need("AnimateWanModel")(**wan_kw(in_dim=36))
+        # 5 blocks: one face-adapter fuser block (num_layers // 5), the key ComfyUI (and the /prompt rules) detect Animate by
+        m = need("AnimateWanModel")(**wan_kw(in_dim=36, num_layers=5))
         return m, dict(x=x(36), timestep=t, context=ctx, clip_fea=clip, pose_latents=x(t=2))
     if v == "wan_scail":
         m = need("SCAILWanModel")(**wan_kw(in_dim=20))
@@ -293,6 +320,15 @@ def run(v):
     except VM.UnsupportedModelError as e:
         spec = None
         out.update(status="refused", message=str(e))
+    if spec is not None:
+        out["patch"] = list(spec.patch_size)
+    # the /prompt-time rules on this model's own state-dict header
+    hs = VF.from_header({k: tuple(t.shape) for k, t in m.state_dict().items()})
+    out["header"] = None if hs is None else dict(
+        family=hs.family, variant=hs.variant, blocks=hs.blocks, heads=hs.heads, embed=hs.embed_dim,
+        patch=list(hs.patch_size), tile=list(hs.official_tile), block_keys=[list(k) for k in hs.block_keys])
+    if spec is not None:
+        out["block_keys"] = [list(k) for k in spec.block_keys]
     if kw is None:
         return out
     init(m)
