@@ -60,6 +60,7 @@ def test_every_variant_is_covered():
     assert set(VARIANTS) == set(hunyuan.VARIANTS) == set(hunyuan.TILES)
     assert hunyuan.TILES == {"hunyuan_video": HUNYUAN_TILE, "hunyuan_video_1.5": ALIGNED_TILE}
     assert models.HUNYUAN15_TILE == hunyuan.HUNYUAN15_TILE == (4, 8, 8)
+    assert (hunyuan.FAMILY.similarity, families.get("wan").similarity) == ("qk", "q")  # patch.py's "auto"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -13,7 +13,8 @@ Adding a family:
      base first), supported_text (its part of the refusal's "supported:" list), inspect(dm) ->
      ModelSpec (raise _base.refuse(...) for configurations it cannot route), from_header(shapes) ->
      ModelSpec | None, router_embedding, video_grid, call_layout (split_tokens defaults to the
-     generic one), official_tiles, official_routers, order (place in the supported list).
+     generic one), official_tiles, official_routers, order (place in the supported list),
+     similarity (the core-set default).
   2. tests/test_families_<name>.py: its variants against small fakes, and for each variant the spec
      from a fake model object equal to the spec from its state-dict header.
   3. (optional) the real classes in tests/test_comfyui_variants.py.

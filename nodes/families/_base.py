@@ -99,6 +99,8 @@ class Family:
     # variant -> official VORTA router (Hugging Face Wenhao-Sun/VORTA): (folder, model, blocks, heads, embed)
     official_routers: dict[str, tuple[str, str, int, int, int]] = field(default_factory=dict)
     order: int = 100  # place in the supported list (and in header detection)
+    # what the core-set branch compares tokens by when Apply's similarity is "auto": "q" or "qk"
+    similarity: str = "q"
 
     @property
     def base_variant(self) -> str:

@@ -124,4 +124,5 @@ FAMILY = Family(
     official_tiles=TILES,
     official_routers=OFFICIAL_ROUTERS,
     order=1,
+    similarity="qk",
 )
