@@ -40,6 +40,9 @@ class VortaApply(io.ComfyNode):
                 io.Float.Input("dense_end_percent", default=0.0, min=0.0, max=100.0, step=1.0,
                                tooltip="Full attention for the last share of the denoising (sampling percent of the noise level)."),
                 io.String.Input("dense_blocks", default="", tooltip="Blocks that always use full attention, e.g. '0,1' or '0-3'."),
+                io.Float.Input("tau_sparse", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Official VORTA rule: a head whose top router probability is below this runs full "
+                                       "attention (0.3, the official default, never triggers with three branches)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with VORTA routed attention.")],
         )
@@ -57,10 +60,11 @@ class VortaApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, router, enabled, tile, window, bucket, keep_ratio, similarity,
-                dense_start_percent, dense_end_percent, dense_blocks) -> io.NodeOutput:
+                dense_start_percent, dense_end_percent, dense_blocks, tau_sparse=0.3) -> io.NodeOutput:
         if not enabled:
             return io.NodeOutput(model)
-        options = build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks)
+        options = build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent,
+                                dense_blocks, tau_sparse)
         inspect_model(model.model.diffusion_model)  # an unsupported model fails here, with the list
         patched, _ = apply_vorta(model, router, options)
         return io.NodeOutput(patched)

@@ -14,7 +14,8 @@ from vorta_ops.router import FULL
 from vorta_ops.viz import render_decisions, step_label as _label
 
 from .gate_data import summarize, web_payload
-from .models import check_router_fits, inspect_model
+from .models import inspect_model
+from .providers import as_provider
 from .patch import STATE_KEY, VortaOptions, VortaState, sampling_percent
 from .router_loader import Router
 
@@ -52,10 +53,11 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
     dm = model.model.diffusion_model
     spec = inspect_model(dm)
     if router is None:
-        router, options = state.router, state.options
+        provider, options = state.provider, state.options
     else:
-        check_router_fits(router, spec)
         options = state.options if state is not None else VortaOptions()
+        provider = as_provider(router, options.tau_sparse)
+        provider.check_fits(spec)
     ms = model.get_model_object("model_sampling")
     if sigmas is None:
         sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
@@ -63,7 +65,7 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
     n = len(sigmas) - 1
     if n < 1:
         raise ValueError(f"need at least 2 sigmas (1 step), got {len(sigmas)}")
-    vs = VortaState(router, spec, options)
+    vs = VortaState(provider, spec, options)
     dtype = model.model.get_dtype() if hasattr(model.model, "get_dtype") else torch.float32
     if getattr(model.model, "manual_cast_dtype", None) is not None:
         dtype = model.model.manual_cast_dtype
@@ -73,7 +75,8 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
         sigma = float(sigmas[i])
         t = float(ms.timestep(sigmas[i : i + 1]).reshape(-1)[0])
         pct = sampling_percent(ms, sigma)
-        tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device), pct if pct is not None else i / n))
+        pct = pct if pct is not None else i / n
+        tables.append(vs.apply_overrides(vs.table_for(dm, t, dtype, device, sigma, pct), pct))
         labels.append(_label(i, sigma))
     return torch.stack(tables), labels, "VORTA predicted routing"
 

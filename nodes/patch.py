@@ -21,6 +21,7 @@ Nothing in this module imports ComfyUI at import time; the hook names are ComfyU
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -29,12 +30,14 @@ from dataclasses import dataclass, field
 import torch
 
 from vorta_ops.coreset import CoresetConfig
-from vorta_ops.dispatch import RoutedConfig, routed_attention
+from vorta_ops.dispatch import RoutedConfig
 from vorta_ops.layout import auto_tile
-from vorta_ops.router import BRANCH_NAMES, CORESET, FULL, SLIDING, RouterSet
+from vorta_ops.plan import RoutingPlan, branch_cost
+from vorta_ops.router import BRANCH_NAMES, CORESET, FULL, SLIDING
 from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConfig
 
-from .models import ModelSpec, call_layout, check_router_fits, inspect_model, router_embedding, split_tokens, video_grid
+from .models import ModelSpec, call_layout, inspect_model, split_tokens, video_grid
+from .providers import StepContext, as_provider
 
 log = logging.getLogger("vorta")
 
@@ -92,6 +95,7 @@ class VortaOptions:
     dense_end: float = 0.0  # ... and at the end
     dense_blocks: frozenset[int] = frozenset()
     sliding_backend: str = "auto"
+    tau_sparse: float = 0.3  # official rule: a head whose top-1 router probability is below it runs full
 
     def __post_init__(self):
         if self.tile not in TILE_PRESETS:
@@ -100,6 +104,8 @@ class VortaOptions:
         CoresetConfig(self.bucket, self.keep_ratio, "q")
         if self.similarity not in ("auto", "q", "qk"):
             raise ValueError(f"similarity must be auto, q or qk, got {self.similarity!r}")
+        if not 0.0 <= self.tau_sparse <= 1.0:
+            raise ValueError(f"tau_sparse must be a probability in [0, 1], got {self.tau_sparse}")
         for name in ("dense_start", "dense_end"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -123,7 +129,8 @@ class VortaOptions:
         )
 
 
-def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks):
+def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks,
+                  tau_sparse=0.3):
     return VortaOptions(
         tile=tile.strip(),
         window=parse_triple(window, "window"),
@@ -133,6 +140,7 @@ def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_perc
         dense_start=dense_start_percent / 100.0,
         dense_end=dense_end_percent / 100.0,
         dense_blocks=parse_blocks(dense_blocks),
+        tau_sparse=tau_sparse,
     )
 
 
@@ -152,6 +160,7 @@ def options_error(inputs: dict) -> str | None:
     """What is wrong with a VORTA Apply node's options as posted, in one message; None when they
     are fine or when one comes from a link (then execute checks it)."""
     vals = {n: inputs.get(n) for n in OPTION_INPUTS}
+    vals["tau_sparse"] = inputs.get("tau_sparse", 0.3)  # optional input (workflows saved before it)
     if any(v is None or isinstance(v, list) for v in vals.values()):
         return None
     err = tile_error(vals["tile"])
@@ -169,12 +178,27 @@ def options_error(inputs: dict) -> str | None:
 
 @dataclass
 class ForwardInfo:
-    grid: tuple[int, int, int]
-    n_grid: int
+    """What the blocks of one model call need: the step's routing plan, this call's token layout."""
+
+    plan: RoutingPlan
     layout: object  # models.CallLayout: where the extra tokens sit in this call's self-attention
-    table: torch.Tensor  # int8 [blocks, heads] as applied (dense overrides included)
-    cfg: RoutedConfig
-    step: int | None
+    step: int | float | None  # key of the step's StepRecord
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.plan.grid
+
+    @property
+    def n_grid(self) -> int:
+        return self.plan.n_grid
+
+    @property
+    def table(self) -> torch.Tensor:  # int8 [blocks, heads] as applied (dense overrides included)
+        return self.plan.table
+
+    @property
+    def cfg(self) -> RoutedConfig:
+        return self.plan.cfg
 
 
 @dataclass
@@ -192,12 +216,13 @@ class StepRecord:
 class VortaState:
     """Held by the patched clone in transformer_options[STATE_KEY]; immutable during sampling."""
 
-    def __init__(self, router: RouterSet, spec: ModelSpec, options: VortaOptions, prev_override=None):
-        self.router = router.to("cpu", torch.float32)
+    def __init__(self, router, spec: ModelSpec, options: VortaOptions, prev_override=None):
+        self.provider = as_provider(router)  # a RouterSet (file router) or any RouterProvider
         self.spec = spec
         self.options = options
         self.prev_override = prev_override
         self.last_run: VortaRun | None = None
+        self._configs: dict = {}  # grid -> RoutedConfig
 
     # Immutable during sampling and shared on purpose: model_options copies keep this object.
     def __copy__(self):
@@ -209,8 +234,15 @@ class VortaState:
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)
 
-    def table_for(self, diffusion_model, t: float, dtype, device) -> torch.Tensor:
-        return self.router.decide(router_embedding(diffusion_model, self.spec, t, dtype, device))
+    def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None) -> torch.Tensor:
+        return self.provider.table(StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device))
+
+    def routed_config(self, grid) -> RoutedConfig:
+        """The branch configuration for a grid, resolved once per grid ("auto" tile and similarity)."""
+        cfg = self._configs.get(grid)
+        if cfg is None:
+            cfg = self._configs[grid] = self.options.routed_config(self.spec, grid)
+        return cfg
 
     def is_dense_step(self, percent: float | None) -> bool:
         """dense_start / dense_end on ComfyUI's sampling percent of the step's noise level (0 at
@@ -241,7 +273,8 @@ class VortaRun:
         self.tables: dict[float, torch.Tensor] = {}
         self.steps: dict[int | float, StepRecord] = {}
         self.warned: set[str] = set()
-        self.sliding_share = 1.0  # share of keys a sliding-tile query visits (last grid seen)
+        self.plans: dict = {}  # RoutingPlan cache: one plan per distinct (table, grid, config)
+        self.last_plan: RoutingPlan | None = None
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
         self.setup_failures = 0  # model calls that ran dense because routing could not be set up
 
@@ -304,16 +337,12 @@ class VortaRun:
 
 
 def _relative_work(run: VortaRun, calls: dict[str, int]) -> float:
-    """Estimated attention FLOPs vs dense: core-set keep^2, sliding tile its visited-key share."""
-    keep = run.state.options.keep_ratio
-    work = calls["full"] + calls["coreset"] * keep * keep + calls["sliding_tile"] * run.sliding_share
+    """Estimated attention FLOPs vs dense over the run's head-calls (branch costs of the last plan)."""
+    plan = run.last_plan
+    if plan is None:
+        return 1.0
+    work = sum(n * branch_cost(i, plan.cfg, plan.grid) for i, n in enumerate(calls[name] for name in BRANCH_NAMES))
     return work / max(sum(calls.values()), 1)
-
-
-def sliding_share(cfg: RoutedConfig, grid) -> float:
-    """Share of the grid's key tiles inside one query's window."""
-    n = [math.ceil(g / t) for g, t in zip(grid, cfg.sliding.tile)]
-    return math.prod(min(w, k) / k for w, k in zip(cfg.sliding.window, n))
 
 
 # ---- hooks -----------------------------------------------------------------------------------
@@ -329,9 +358,18 @@ def _options_of(args, kwargs) -> dict | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(fn):
+    return inspect.signature(fn)
+
+
 def _named_args(fn, args, kwargs) -> dict:
+    """The forward's arguments by name. The signature is read once per function (a bound method
+    is a new object on every attribute access: its function is the cache key, self bound first)."""
+    if hasattr(fn, "__func__"):
+        fn, args = fn.__func__, (fn.__self__, *args)
     try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+        bound = _signature(fn).bind_partial(*args, **kwargs)
         named = dict(bound.arguments)
         named.update(named.pop("kwargs", {}) or {})
         return named
@@ -419,18 +457,18 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     step, n_steps, sigma = _step_of(to)
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
+    percent = _step_percent(run, sigma, step, n_steps)
     if key not in run.tables:
-        run.tables[key] = run.state.table_for(dm, t, x.dtype, x.device)
-    table = run.state.apply_overrides(run.tables[key], _step_percent(run, sigma, step, n_steps))
-    cfg = run.state.options.routed_config(run.spec, grid)
-    run.sliding_share = sliding_share(cfg, grid)
+        run.tables[key] = run.state.table_for(dm, t, x.dtype, x.device, sigma, percent)
+    table = run.state.apply_overrides(run.tables[key], percent)
+    plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
     rec_key = step if step is not None else key
     if rec_key not in run.steps:
         run.steps[rec_key] = StepRecord(step, sigma, t, table)
     layout = call_layout(run.spec, named, grid)
     if not getattr(layout, "routable", True):
         run.warn_once("layout", f"this model call cannot be routed ({layout.why})")
-    return ForwardInfo(grid, math.prod(grid), layout, table, cfg, rec_key)
+    return ForwardInfo(plan, layout, rec_key)
 
 
 def make_block_patch(index: int, previous=None):
@@ -541,8 +579,9 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     n_prefix, n_suffix = extra
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
-    branches = fwd.table[block]
-    if bool((branches == FULL).all()):
+    plan = fwd.plan
+    branches = plan.table[block]
+    if plan.all_full[block]:
         _count(rec, branches, H)
         return dense()
     kv_mask = _key_mask(kwargs.get("mask"), B, L)
@@ -555,7 +594,7 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
         return _delegate(run, prev, func, (qs, ks, vs), kw)
 
     try:
-        out = routed_attention(qh, kh, vh, branches, fwd.grid, fwd.cfg, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
+        out = plan.run(block, qh, kh, vh, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
     except Exception as e:  # never a crash of the whole queue, never silent
         if _is_interrupt(e):
             raise
@@ -630,7 +669,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             log.debug("VORTA summary failed", exc_info=True)
 
 
-def apply_vorta(model, router: RouterSet, options: VortaOptions):
+def apply_vorta(model, router, options: VortaOptions):
     """Return a patched clone of a ComfyUI ModelPatcher; the input model is left untouched.
 
     Everything that can be wrong (model type, router size, options) is checked here, before any
@@ -638,7 +677,8 @@ def apply_vorta(model, router: RouterSet, options: VortaOptions):
     """
     dm = model.model.diffusion_model
     spec = inspect_model(dm)
-    check_router_fits(router, spec)
+    provider = as_provider(router, options.tau_sparse)
+    provider.check_fits(spec)
     if options.dense_blocks:
         parse_blocks(",".join(map(str, options.dense_blocks)), spec.blocks)
     m = model.clone()
@@ -646,7 +686,7 @@ def apply_vorta(model, router: RouterSet, options: VortaOptions):
     prev = to.get(OVERRIDE_KEY)
     if getattr(prev, "vorta_state", None) is not None:  # re-applying VORTA: chain to what it chained to
         prev = prev.vorta_state.prev_override
-    state = VortaState(router, spec, options, prev)
+    state = VortaState(provider, spec, options, prev)
     to[STATE_KEY] = state
     override = _bound_override(state)
     to[OVERRIDE_KEY] = override

@@ -423,6 +423,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                     if kind in WIDGET_TYPES and section == "required":
                         widgets.pop(0)  # a widget converted to an input keeps its slot
                 elif kind in WIDGET_TYPES:
+                    if not widgets and section == "optional":
+                        continue  # a workflow saved before this optional widget existed: its default
                     if not widgets:
                         raise ValueError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
                     inputs[name] = widgets.pop(0)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from nodes import patch as P
 from nodes.models import CallLayout, UnsupportedModelError, check_router_fits, inspect_model, token_grid
 from vorta_ops.dispatch import routed_attention
+from vorta_ops.plan import RoutingPlan
 from vorta_ops.router import CORESET, FULL, SLIDING, RouterSet
 
 
@@ -134,7 +135,8 @@ def _run_with_forward(table, grid=(2, 4, 6), n_prefix=0, rest="before"):
     t = torch.tensor(table, dtype=torch.int8)
     cfg = state.options.routed_config(spec, grid)
     run.steps[0] = P.StepRecord(0, 1.0, 1000.0, t)
-    to = {P.STATE_KEY: run, P.FORWARD_KEY: P.ForwardInfo(grid, 48, CallLayout(n_prefix, 0, rest), t, cfg, 0)}
+    run.last_plan = plan = RoutingPlan(t, grid, cfg)
+    to = {P.STATE_KEY: run, P.FORWARD_KEY: P.ForwardInfo(plan, CallLayout(n_prefix, 0, rest), 0)}
     return state, run, to, cfg
 
 
@@ -198,7 +200,8 @@ def test_all_full_blocks_count_in_the_summary():
     assert run.head_calls() == {"full": 2, "coreset": 1, "sliding_tile": 1}
     assert "full 50.0%, coreset 25.0%, sliding_tile 25.0%" in run.summary()
     share = P._relative_work(run, run.head_calls())
-    assert share == pytest.approx((2 + 0.25 + run.sliding_share) / 4)
+    sliding = run.last_plan.relative_work() * 4 - 2 - 0.25  # the plan's own cost of the sliding head
+    assert share == pytest.approx((2 + 0.25 + sliding) / 4)
 
 
 def test_state_survives_deep_copies_of_model_options():
@@ -238,7 +241,7 @@ def test_kernel_error_falls_back_to_dense_and_logs_once(caplog, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("no kernel")
 
-    monkeypatch.setattr(P, "routed_attention", boom)
+    monkeypatch.setattr(RoutingPlan, "run", boom)
     q = torch.randn(1, 48, 32)
     dense_out = torch.full_like(q, 7.0)
     with caplog.at_level(logging.WARNING, logger="vorta"):

@@ -35,8 +35,9 @@ INPUTS = {
 }
 TITLE_W = 320
 
-# VortaApply widgets: enabled, tile, window, bucket, keep_ratio, similarity, dense start %, dense end %, dense blocks
-APPLY_DEFAULT = [True, "official", "3,3,3", "2,3,2", 0.5, "auto", 0.0, 0.0, ""]
+# VortaApply widgets: enabled, tile, window, bucket, keep_ratio, similarity, dense start %, dense end %, dense blocks,
+# tau_sparse
+APPLY_DEFAULT = [True, "official", "3,3,3", "2,3,2", 0.5, "auto", 0.0, 0.0, "", 0.3]
 GATE_LAST_RUN = ["last run", 20, "simple"]
 
 

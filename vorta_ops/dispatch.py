@@ -23,7 +23,7 @@ from .full import full_attention
 from .router import CORESET, FULL, SLIDING
 from .sliding_tile import SlidingTileConfig, sliding_tile_attention
 
-__all__ = ["RoutedConfig", "routed_attention", "head_groups"]
+__all__ = ["RoutedConfig", "routed_attention", "head_groups", "run_groups"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,13 @@ def routed_attention(
     n_branches = branches.numel() if isinstance(branches, torch.Tensor) else len(branches)
     if n_branches != H:
         raise ValueError(f"got {n_branches} branch ids for {H} heads; expected one per head")
-    groups = head_groups(branches)
+    return run_groups(q, k, v, head_groups(branches), grid, cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, full_fn=full_fn)
+
+
+def run_groups(q, k, v, groups: dict[int, list[int]], grid, cfg: RoutedConfig, n_prefix=0, n_suffix=0, *,
+               kv_mask=None, scale=None, full_fn=None) -> torch.Tensor:
+    """routed_attention with the head groups already made ({branch: sorted heads}, as
+    head_groups returns them): what a RoutingPlan calls with the groups it built once per step."""
     if len(groups) == 1:
         (branch,) = groups
         return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn)
