@@ -66,8 +66,8 @@ def probe(tree: str) -> dict:
 
 def _result(tree, name):
     r = probe(str(tree))[name]
-    if r["status"] == "skip":
-        pytest.skip(f"{name}: {r['reason']}")
+    if r["status"] == "skip":  # a class / config this (older) ComfyUI lacks: conftest's strict mode lets it through
+        pytest.skip(f"not applicable: {name}: {r['reason']}")
     assert r["status"] != "error", r.get("trace")
     return r
 
