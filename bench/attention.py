@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vorta_ops.coreset import CoresetConfig, coreset_attention
 from vorta_ops.dispatch import RoutedConfig, routed_attention
 from vorta_ops.full import FLASH_ATTN_AVAILABLE
-from vorta_ops.kernels.timing import cuda_median_ms
+from bench.timing import cuda_median_ms
 from vorta_ops.layout import TileLayout
 from vorta_ops.router import CORESET, FULL, SLIDING
 from vorta_ops.sliding_tile import (

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.attention import branch_mix, save_results
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig, routed_attention
-from vorta_ops.kernels.timing import cuda_median_ms
+from bench.timing import cuda_median_ms
 from vorta_ops.router import CORESET, FULL, SLIDING
 from vorta_ops.sliding_tile import ALIGNED_TILE, HUNYUAN_TILE, WAN_TILE, SlidingTileConfig
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._backends import BackendRegistry
+from ._backends import BackendRegistry, op_heads
 from .full import full_attention
 from .layout import Grid, _triple, check_grid
 
@@ -38,6 +38,7 @@ __all__ = [
     "coreset_reference",
     "coreset_branch",
     "register_backend",
+    "coreset_op",
 ]
 
 DEFAULT_BUCKET: Grid = (2, 3, 2)
@@ -169,9 +170,42 @@ def coreset_attention(
     return _gather_tokens(oc, q_back)
 
 
-# ---- backends ----------------------------------------------------------------------------
+# ---- backend registry and custom op ----------------------------------------------------------
 
-_BACKENDS = BackendRegistry("core-set", torch=coreset_attention)
+# Every backend call runs inside this op (see sliding_tile.SLIDING_TILE_OP_SCHEMA): opaque to
+# torch.compile, so the selection's data-dependent indexing is never traced.
+CORESET_OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) out, int[] grid, int[] bucket, float keep_ratio, str similarity, "
+    "int n_prefix, int n_suffix, Tensor? kv_mask, float? scale, Tensor? heads, str backend) -> ()"
+)
+
+
+def _coreset_op_impl(q, k, v, out, grid, bucket, keep_ratio, similarity, n_prefix, n_suffix, kv_mask, scale, heads,
+                     backend):
+    cfg = CoresetConfig(tuple(bucket), keep_ratio, similarity)
+    _BACKENDS.run(backend, q, k, v, tuple(grid), cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out,
+                  heads=op_heads(heads, q, "vorta::coreset_attention"))
+
+
+coreset_op = torch.library.custom_op(
+    "vorta::coreset_attention", _coreset_op_impl, mutates_args=("out",), schema=CORESET_OP_SCHEMA
+)
+
+
+@coreset_op.register_fake
+def _coreset_op_fake(q, k, v, out, grid, bucket, keep_ratio, similarity, n_prefix, n_suffix, kv_mask, scale, heads,
+                     backend):
+    return None  # out is written in place: nothing new to describe
+
+
+def _call_op(name, q, k, v, grid, cfg: CoresetConfig, n_prefix, n_suffix, *, kv_mask, scale, out, heads):
+    coreset_op(
+        q, k, v, out, [int(x) for x in grid], list(cfg.bucket), float(cfg.keep_ratio), cfg.similarity, int(n_prefix),
+        int(n_suffix), kv_mask, None if scale is None else float(scale), heads, name,
+    )
+
+
+_BACKENDS = BackendRegistry("core-set", op=_call_op, torch=coreset_attention)
 
 
 def register_backend(name: str, fn, writes_out: bool = False, takes_heads: bool = False) -> None:

@@ -14,6 +14,8 @@ Backends:
     "flex"       FlexAttention on the tile-major layout with a BlockMask (compiled on CUDA)
     "triton"     the block-sparse Triton kernel (vorta_ops/kernels), when registered
     "auto"       triton, else flex, on CUDA; reference on CPU
+Each runs inside the custom op ``vorta::sliding_tile_attention`` (``sliding_tile_op``), opaque to
+torch.compile.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._backends import BackendRegistry
+from ._backends import BackendRegistry, op_heads
 from .layout import Grid, TileLayout, _triple, check_grid, window_box
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "sliding_tile_reference",
     "sliding_tile_attention",
     "register_backend",
+    "sliding_tile_op",
 ]
 
 WAN_TILE: Grid = (5, 9, 8)  # official Wan-14B 720p tiles (360 tokens)
@@ -204,9 +207,42 @@ def sliding_tile_flex(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffi
     return layout.from_tiled(out)
 
 
-# ---- backend registry ------------------------------------------------------------------------
+# ---- backend registry and custom op ----------------------------------------------------------
 
-_BACKENDS = BackendRegistry("sliding-tile", reference=sliding_tile_reference, flex=sliding_tile_flex)
+# Every backend call runs inside this op: opaque to torch.compile (a fake implementation gives
+# the metadata), so neither the reference's mask nor the kernel's host tables are traced. It
+# writes into ``out`` (declared); ``heads``: optional 1-D int tensor, validated by the Python entry
+# point that built it (see _backends.op_heads); ``backend``: a registry name (not "auto").
+SLIDING_TILE_OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) out, int[] grid, int[] tile, int[] window, int n_prefix, "
+    "int n_suffix, Tensor? kv_mask, float? scale, Tensor? heads, str backend) -> ()"
+)
+
+
+def _sliding_tile_op_impl(q, k, v, out, grid, tile, window, n_prefix, n_suffix, kv_mask, scale, heads, backend):
+    cfg = SlidingTileConfig(tuple(tile), tuple(window))
+    _BACKENDS.run(backend, q, k, v, tuple(grid), cfg, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, out=out,
+                  heads=op_heads(heads, q, "vorta::sliding_tile_attention"))
+
+
+sliding_tile_op = torch.library.custom_op(
+    "vorta::sliding_tile_attention", _sliding_tile_op_impl, mutates_args=("out",), schema=SLIDING_TILE_OP_SCHEMA
+)
+
+
+@sliding_tile_op.register_fake
+def _sliding_tile_op_fake(q, k, v, out, grid, tile, window, n_prefix, n_suffix, kv_mask, scale, heads, backend):
+    return None  # out is written in place: nothing new to describe
+
+
+def _call_op(name, q, k, v, grid, cfg: SlidingTileConfig, n_prefix, n_suffix, *, kv_mask, scale, out, heads):
+    sliding_tile_op(
+        q, k, v, out, [int(x) for x in grid], list(cfg.tile), list(cfg.window), int(n_prefix), int(n_suffix), kv_mask,
+        None if scale is None else float(scale), heads, name,
+    )
+
+
+_BACKENDS = BackendRegistry("sliding-tile", op=_call_op, reference=sliding_tile_reference, flex=sliding_tile_flex)
 
 
 def register_backend(name: str, fn, writes_out: bool = False, takes_heads: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""CUDA-event timing shared by bench/ and the kernels' self-benchmarks (not used at run time)."""
+"""CUDA-event timing shared by the benches (not used at run time)."""
 from __future__ import annotations
 
 import statistics
