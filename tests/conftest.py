@@ -13,6 +13,9 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# the real-ComfyUI server fixture, shared by every integration module (one server per ComfyUI tree)
+pytest_plugins = ["comfy_fixtures"]
+
 settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
