@@ -32,10 +32,11 @@ import torch
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig
 from vorta_ops.layout import auto_tile
-from vorta_ops.plan import RoutingPlan, branch_cost
-from vorta_ops.router import BRANCH_NAMES, CORESET, FULL, SLIDING
+from vorta_ops.branches import BRANCH_NAMES, BRANCHES, FULL, relative_work
+from vorta_ops.plan import RoutingPlan
 from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConfig
 
+from . import families
 from .models import ModelSpec, call_layout, inspect_model, split_tokens, video_grid
 from .providers import StepContext, as_provider
 
@@ -121,7 +122,7 @@ class VortaOptions:
         return parse_triple(self.tile, "tile")
 
     def routed_config(self, spec: ModelSpec, grid) -> RoutedConfig:
-        sim = self.similarity if self.similarity != "auto" else ("qk" if spec.family == "hunyuan" else "q")
+        sim = self.similarity if self.similarity != "auto" else families.get(spec.family).similarity
         return RoutedConfig(
             SlidingTileConfig(self.tile_for(spec, grid), self.window),
             CoresetConfig(self.bucket, self.keep_ratio, sim),
@@ -326,7 +327,7 @@ class VortaRun:
         says so, once, as a warning (never a silent dense run)."""
         planned = self.setup_failures > 0 or any(bool((r.table != FULL).any()) for r in self.steps.values())
         calls = self.head_calls()
-        routed = calls["coreset"] + calls["sliding_tile"]
+        routed = sum(calls[b.name] for b in BRANCHES if b.id != FULL)
         if planned and routed == 0:
             if sum(calls.values()) == 0:
                 why = ("no self-attention call of the model's transformer blocks reached VORTA's attention override "
@@ -341,8 +342,7 @@ def _relative_work(run: VortaRun, calls: dict[str, int]) -> float:
     plan = run.last_plan
     if plan is None:
         return 1.0
-    work = sum(n * branch_cost(i, plan.cfg, plan.grid) for i, n in enumerate(calls[name] for name in BRANCH_NAMES))
-    return work / max(sum(calls.values()), 1)
+    return relative_work(calls, plan.cfg, plan.grid)
 
 
 # ---- hooks -----------------------------------------------------------------------------------
@@ -524,8 +524,8 @@ def _count(rec, branches, H: int) -> None:
     if rec is None:
         return
     rec.calls += 1
-    for b, name in ((FULL, "full"), (CORESET, "coreset"), (SLIDING, "sliding_tile")):
-        rec.head_calls[name] += int((branches == b).sum()) if branches is not None else (H if b == FULL else 0)
+    for b in BRANCHES:
+        rec.head_calls[b.name] += int((branches == b.id).sum()) if branches is not None else (H if b.id == FULL else 0)
 
 
 @torch.compiler.disable

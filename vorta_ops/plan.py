@@ -19,26 +19,21 @@ import torch
 
 from .dispatch import RoutedConfig, head_groups, run_groups
 from .full import full_attention
-from .router import BRANCH_NAMES, CORESET, FULL, SLIDING
+from .branches import BRANCH_NAMES, CORESET, FULL, N_BRANCHES, SLIDING, branch, branch_config
 from .sliding_tile import sliding_tile_mask
 
-__all__ = ["RoutingPlan", "sliding_key_share"]
+__all__ = ["RoutingPlan", "branch_cost", "sliding_key_share", "reference_layer"]
+
+
+def branch_cost(branch_id: int, cfg: RoutedConfig, grid) -> float:
+    """Attention work of one head on a branch, as a share of dense (the branch table's cost)."""
+    b = branch(branch_id)
+    return b.relative_cost(branch_config(b, cfg), grid)
 
 
 def sliding_key_share(cfg: RoutedConfig, grid) -> float:
-    """Share of the grid's key tiles inside one query's sliding window."""
-    n = [math.ceil(g / t) for g, t in zip(grid, cfg.sliding.tile)]
-    return math.prod(min(w, k) / k for w, k in zip(cfg.sliding.window, n))
-
-
-def branch_cost(branch: int, cfg: RoutedConfig, grid) -> float:
-    """Attention work of one head on ``branch``, as a share of dense: full 1, core-set keep^2
-    (keep of the queries attend keep of the keys), sliding tile the share of keys in its window."""
-    if branch == FULL:
-        return 1.0
-    if branch == CORESET:
-        return cfg.coreset.keep_ratio ** 2
-    return sliding_key_share(cfg, grid)
+    """Share of the grid's keys inside one query's sliding window."""
+    return branch_cost(SLIDING, cfg, grid)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +94,7 @@ class RoutingPlan:
 
     def relative_work(self) -> float:
         """The step's attention work as a share of dense (all heads, all blocks)."""
-        costs = torch.tensor([branch_cost(i, self.cfg, self.grid) for i in range(len(BRANCH_NAMES))], dtype=torch.float64)
+        costs = torch.tensor([branch_cost(i, self.cfg, self.grid) for i in range(N_BRANCHES)], dtype=torch.float64)
         return float(costs[self.table.long()].mean())
 
     def to_dense(self, block: int, head: int, n_prefix: int = 0, n_suffix: int = 0, q=None, k=None) -> torch.Tensor:
