@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -60,25 +61,35 @@ def dense_backend(q, k, v, heads, mask=None, skip_reshape=False, skip_output_res
 
 
 def busy_gpu(ms: float, device) -> None:
-    """Queue about `ms` of GPU work (chained matmuls) and return at once."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    t0 = time.perf_counter()
+    """Queue about `ms` of GPU work and return at once: a few long matmuls (few launches, so the
+    launch queue never fills and throttles the calls measured after them)."""
+    a = torch.randn(16384, 16384, device=device, dtype=torch.bfloat16)
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     b = a @ a
     torch.cuda.synchronize()
     one = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    for _ in range(int(ms / one) + 1):
+    for _ in range(min(int(ms / one) + 1, 100)):
         b = a @ b
 
 
-def host_us(fn, n: int, device) -> float:
+def host_us(fn, n: int, device, repeats: int = 7) -> float:
+    """Median over `repeats` rounds of n calls (host timings vary from round to round)."""
+    return statistics.median(_host_round(fn, n, device) for _ in range(repeats))
+
+
+def _host_round(fn, n: int, device) -> float:
     fn()
     torch.cuda.synchronize()
-    busy_gpu(200.0 + n * 60.0, device)
+    busy_gpu(400.0, device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
     host = (time.perf_counter() - t0) / n * 1e6
+    done = torch.cuda.Event()
+    done.record()
+    if done.query():  # the queue ran dry: the calls may have waited for their kernels
+        raise RuntimeError("the GPU finished before the calls were issued: raise busy_gpu's time")
     torch.cuda.synchronize()
     return host
 
@@ -109,7 +120,7 @@ def run_shape(name: str, n: int) -> list[dict]:
     row = branch_mix(H, 0.0, scattered=True)  # half sliding tile, half core-set, heads scattered
     table = torch.tensor([row] * blocks, dtype=torch.int8)
 
-    dm = WanModel(dim, H, blocks).to(dev)
+    dm = WanModel(dim, H, blocks).to(dev, torch.bfloat16)
     spec = inspect_model(dm)
     router = RouterSet("wan", torch.zeros(blocks, H * 3, dim), torch.zeros(blocks, H * 3))
     state = P.VortaState(router, spec, P.VortaOptions(tile="official"))
@@ -141,13 +152,18 @@ def run_shape(name: str, n: int) -> list[dict]:
     setup()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(10):
+    for _ in range(50):
         setup()
     torch.cuda.synchronize()
-    setup_us = (time.perf_counter() - t0) / 10 * 1e6
+    setup_us = (time.perf_counter() - t0) / 50 * 1e6
+    t = state.table_for(dm, 500.0, torch.bfloat16, dev)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        RoutingPlan.for_step({}, t, grid, cfg).groups
+    plan_us = (time.perf_counter() - t0) / 50 * 1e6
     step_ms = rows[-1]["ms_per_call"] * blocks  # every block's self-attention, at the override's rate
     rows.append({"shape": name, "path": "router+plan per step", "grid": list(grid), "heads": H, "batch": 1,
-                 "setup_us_per_step": round(setup_us, 1), "share_of_attention_step_pct": round(100 * setup_us / 1e3 / step_ms, 3)})
+                 "setup_us_per_step": round(setup_us, 1), "plan_build_us": round(plan_us, 1), "share_of_attention_step_pct": round(100 * setup_us / 1e3 / step_ms, 3)})
     return rows
 
 
@@ -172,10 +188,11 @@ def main(argv=None):
     for r in rows:
         if "host_us_per_call" in r:
             md.append(f"| {r['shape']} | {r['path']} | {r['host_us_per_call']} | {r['idle_pct']} | {r['ms_per_call']} |")
-    md += ["", "| shape | router + plan per step (µs) | share of the step's attention time |", "|---|---|---|"]
+    md += ["", "| shape | router + plan per step (µs) | of which plan building (µs) | share of the step's attention time |",
+           "|---|---|---|---|"]
     for r in rows:
         if "setup_us_per_step" in r:
-            md.append(f"| {r['shape']} | {r['setup_us_per_step']} | {r['share_of_attention_step_pct']}% |")
+            md.append(f"| {r['shape']} | {r['setup_us_per_step']} | {r['plan_build_us']} | {r['share_of_attention_step_pct']}% |")
     save_results("overhead", rows, meta, md)
 
 

@@ -520,12 +520,17 @@ def _delegate(run, prev, func, args, kwargs):
         run.delegating = was
 
 
-def _count(rec, branches, H: int) -> None:
+def _count(rec, counts, H: int) -> None:
+    """Record one video self-attention call: counts = the plan's heads per branch name for the
+    block, or None for a call that ran dense on every head."""
     if rec is None:
         return
     rec.calls += 1
-    for b in BRANCHES:
-        rec.head_calls[b.name] += int((branches == b.id).sum()) if branches is not None else (H if b.id == FULL else 0)
+    if counts is None:
+        rec.head_calls[BRANCHES[FULL].name] += H
+        return
+    for name, n in counts.items():
+        rec.head_calls[name] += n
 
 
 @torch.compiler.disable
@@ -580,9 +585,8 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
     plan = fwd.plan
-    branches = plan.table[block]
     if plan.all_full[block]:
-        _count(rec, branches, H)
+        _count(rec, plan.head_counts[block], H)
         return dense()
     kv_mask = _key_mask(kwargs.get("mask"), B, L)
     if isinstance(kv_mask, str):
@@ -604,7 +608,7 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
             _count(rec, None, H)
             rec.fallbacks += 1
         return dense()
-    _count(rec, branches, H)
+    _count(rec, plan.head_counts[block], H)
     if kwargs.get("skip_output_reshape", False):
         return out
     return out.transpose(1, 2).reshape(B, L, H * D)

@@ -63,6 +63,11 @@ class RoutingPlan:
         return tuple(head_groups(row) for row in self.table)
 
     @cached_property
+    def head_counts(self) -> tuple[dict[str, int], ...]:
+        """Per block: {branch name: heads on it} (the summary's counters, without a tensor op per call)."""
+        return tuple({BRANCH_NAMES[b]: len(h) for b, h in g.items()} for g in self.groups)
+
+    @cached_property
     def all_full(self) -> tuple[bool, ...]:
         return tuple(set(g) == {FULL} for g in self.groups)
 
