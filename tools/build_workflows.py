@@ -144,7 +144,7 @@ def wan22_a14b():
          "links": {"images": ("dec", 0)}},
         {"key": "g_hi", "type": "VortaGateVisualizer", "pos": [1980, 20], "size": [320, 300], "title": "Gates (high noise)",
          "widgets": GATE_LAST_RUN, "links": {"model": ("v_hi", 0), "latent": ("k1", 0)}},
-        {"key": "g_lo", "type": "VortaGateVisualizer", "pos": [1980, 360], "size": [320, 300], "title": "Gates (low noise)",
+        {"key": "g_lo", "type": "VortaGateVisualizer", "pos": [2340, 20], "size": [320, 300], "title": "Gates (low noise)",
          "widgets": GATE_LAST_RUN, "links": {"model": ("v_lo", 0), "latent": ("k2", 0)}},
     ]
     note = ("VORTA on Wan 2.2 T2V A14B: each expert is its own MODEL and takes its own router.\n\nFiles:\n"
