@@ -153,15 +153,6 @@ def test_differentiable_branches_have_autograd_on_cpu(b):
         assert got is not None and got.abs().sum() > 0 and torch.allclose(got, want, atol=1e-8)
 
 
-@pytest.mark.parametrize("b", [b for b in BRANCHES if not b.differentiable], ids=lambda b: b.name)
-def test_branches_marked_not_differentiable_really_have_no_backward(b):
-    """The sparse branches run as custom ops without a backward: dispatch gives no gradient."""
-    cfg = RoutedConfig(**{b.config_key: TINY[b.name]})
-    qkv = [x.requires_grad_() for x in _qkv(1, 2, dtype=torch.float64)]
-    out = routed_attention(*qkv, [b.id] * qkv[0].shape[1], GRID, cfg, 1, 2)
-    assert not out.requires_grad
-
-
 def test_backends_are_read_when_asked():
     assert "sdpa" in branch("full").backends
     assert "torch" in branch("coreset").backends

@@ -19,9 +19,10 @@ Each ``Branch`` holds:
     backends        names of the implementations registered now (read when asked: the Triton
                     kernels register at import time, only where they can run); "auto" is not one
     relative_cost   ``(config, grid) -> share of dense attention FLOPs`` of one head call
-    differentiable  whether dispatch through it has autograd w.r.t. q, k, v: the sparse branches
-                    run as torch.library custom ops with no backward registered (inference only),
-                    so only full is; their plain references do back-propagate
+    differentiable  whether its torch path has autograd w.r.t. q, k, v in eager mode (the Triton
+                    kernels and the torch.library custom ops used under torch.compile are
+                    forward-only; the core-set selection itself is discrete, the gradient flows
+                    through the kept tokens)
 """
 from __future__ import annotations
 
@@ -131,12 +132,12 @@ BRANCHES: tuple[Branch, ...] = (
         0, "full", "full", (213, 94, 0), None, None, full_reference, _full_cost, True, _full_backends,
     ),
     Branch(
-        1, "coreset", "core-set", (0, 114, 178), CoresetConfig, "coreset", coreset_reference, _coreset_cost, False,
+        1, "coreset", "core-set", (0, 114, 178), CoresetConfig, "coreset", coreset_reference, _coreset_cost, True,
         _registry_names(_coreset),
     ),
     Branch(
         2, "sliding_tile", "sliding tile", (0, 158, 115), SlidingTileConfig, "sliding", sliding_tile_reference,
-        _sliding_cost, False, _registry_names(_sliding),
+        _sliding_cost, True, _registry_names(_sliding),
     ),
 )
 N_BRANCHES = len(BRANCHES)
