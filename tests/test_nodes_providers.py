@@ -19,14 +19,19 @@ def test_tau_sparse_sends_unsure_heads_to_full():
 
 def test_file_provider_equals_the_router_at_the_official_tau_and_differs_when_raised():
     g = torch.Generator().manual_seed(0)
-    router = RouterSet("wan", torch.randn(2, 6, 256, generator=g), torch.randn(2, 6, generator=g))
+    # biases spread the branch probabilities (top-1 between 1/3 and ~0.7), weights add a little timestep dependence
+    router = RouterSet("wan", torch.randn(2, 6, 256, generator=g) * 1e-3, torch.randn(2, 6, generator=g) * 0.5)
     dm = WanModel()
     ctx = StepContext(dm, inspect_model(dm), 500.0)
     official = FileRouterProvider(router)
     temb = router_embedding(dm, ctx.spec, 500.0, torch.float32, "cpu")
     assert torch.equal(official.table(ctx), router.decide(temb))  # 3 branches: top-1 >= 1/3 > 0.3
+    probs = official.probabilities(ctx)
+    assert float(probs.max(-1).values.max()) < 0.99 and float(probs.max(-1).values.min()) < 0.5
     strict = FileRouterProvider(router, tau_sparse=0.99)
     assert bool((strict.table(ctx) == FULL).all())
+    middle = FileRouterProvider(router, tau_sparse=0.5)  # exactly the heads less sure than 0.5 go full
+    assert torch.equal(middle.table(ctx) == FULL, (probs.max(-1).values < 0.5) | (router.decide(temb) == FULL))
     with pytest.raises(ValueError, match="tau_sparse must be a probability"):
         FileRouterProvider(router, tau_sparse=1.5)
 
