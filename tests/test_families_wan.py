@@ -8,46 +8,16 @@ import ast
 import pathlib
 
 import pytest
-import torch
 
 from nodes import families, models
 from nodes.families import wan
 from vorta_ops.sliding_tile import WAN_TILE
 
 
-class WanModel(torch.nn.Module):
-    def __init__(self, dim=256, heads=2, blocks=2, freq_dim=32, ref_conv=False):
-        super().__init__()
-        self.dim, self.num_heads, self.freq_dim, self.patch_size = dim, heads, freq_dim, (1, 2, 2)
-        self.blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(blocks))
-        self.time_embedding = torch.nn.Linear(freq_dim, dim)
-        self.ref_conv = torch.nn.Conv2d(16, dim, 2, 2) if ref_conv else None
+from model_fakes import (
+    AnimateWanModel, CameraWanModel, HumoWanModel, SCAILWanModel, VaceWanModel, WanModel, WanModel_S2V,
+)
 
-
-class VaceWanModel(WanModel):
-    pass
-
-
-class CameraWanModel(WanModel):
-    pass
-
-
-class HumoWanModel(WanModel):
-    pass
-
-
-class AnimateWanModel(WanModel):
-    pass
-
-
-class SCAILWanModel(WanModel):
-    pass
-
-
-class WanModel_S2V(WanModel):  # noqa: N801 - ComfyUI's name
-    def forward_orig(self, x, transformer_options={}):  # as ComfyUI 0.19.3: the block patch gets the options
-        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
-        return blocks_replace[("double_block", 0)]({"img": x, "transformer_options": transformer_options}, {})
 
 
 def wan_header(extra=(), dim=256, blocks=2, pre=""):
