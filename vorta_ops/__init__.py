@@ -7,11 +7,14 @@ Public API (everything else is internal):
     router:        RouterSet, FULL / CORESET / SLIDING, BRANCH_NAMES, decision_shares
     router files:  load_router, save_router, convert_router, RouterFileError
     dispatch:      routed_attention, RoutedConfig
+    profiling:     sample_rows, profile_heads, decide_from_errors, branch_costs, HeadProfile
+                   (training-free routing: measured branch errors -> a decision table)
 """
 from .coreset import CoresetConfig, coreset_attention, coreset_reference
 from .dispatch import RoutedConfig, routed_attention
 from .full import FLASH_ATTN_AVAILABLE, full_attention
 from .layout import TileLayout, check_grid
+from .profiling import HeadProfile, branch_costs, decide_from_errors, profile_heads, sample_rows
 from .router import BRANCH_NAMES, CORESET, FULL, SLIDING, RouterSet, decision_shares
 from .router_io import RouterFileError, convert_router, load_router, save_router
 from .sliding_tile import (
@@ -60,4 +63,5 @@ __all__ = [
     "RouterSet", "FULL", "CORESET", "SLIDING", "BRANCH_NAMES", "decision_shares",
     "load_router", "save_router", "convert_router", "RouterFileError",
     "RoutedConfig", "routed_attention",
+    "sample_rows", "profile_heads", "decide_from_errors", "branch_costs", "HeadProfile",
 ]
