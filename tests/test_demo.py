@@ -8,7 +8,8 @@ from PIL import Image
 
 from vorta_ops import dispatch
 from vorta_ops.__main__ import main
-from vorta_ops.demo import reference_attention, run_demo, synthetic_video_qkv
+from vorta_ops.demo import DEMO_TAU, reference_attention, run_demo, synthetic_video_qkv
+from vorta_ops.profiling import HeadProfile
 from vorta_ops.router import CORESET, FULL, SLIDING
 from vorta_ops.full import full_attention
 from vorta_ops.coreset import coreset_attention
@@ -70,7 +71,7 @@ def test_demo_dispatch_check_catches_heads_given_to_the_wrong_branch(tmp_path, m
     the routed output with itself): a dispatch that runs branches on the wrong heads is caught."""
     s = run_demo(tmp_path / "ok", **SMALL)
     mixed = [r for r in s["steps"] if len(set(r["block0_branches"])) > 1]
-    assert mixed, "the synthetic router should mix branches in block 0 at some step"
+    assert mixed, "the profiled routing should mix branches in block 0 (local heads tile, global heads core-set)"
     assert all(r["block0_dispatch_max_abs"] < 1e-5 for r in s["steps"])
     real = dispatch.head_groups
 
@@ -85,11 +86,36 @@ def test_demo_dispatch_check_catches_heads_given_to_the_wrong_branch(tmp_path, m
             assert r["block0_dispatch_max_abs"] > 1e-2, r
 
 
+def test_demo_routes_local_heads_to_sliding_tile_and_global_heads_to_coreset(tmp_path):
+    """The demo routes training-free: its most local synthetic head (head 0 of block 0; blocks b > 0
+    hold their heads rolled by b) goes to sliding tile, its most global one to core-set, in every
+    block at every step, because that is what the measured errors say at the demo's tau."""
+    s = run_demo(tmp_path, **SMALL)
+    H = SMALL["heads"]
+    routing = json.loads((tmp_path / "vorta_demo_summary.json").read_text())["routing"]
+    assert routing["tau"] == DEMO_TAU and routing["bins"] == SMALL["steps"]
+    for row in s["steps"]:
+        assert row["block0_branches"][0] == SLIDING and row["block0_branches"][-1] == CORESET, row
+    for d in routing["profiles"]:
+        prof = HeadProfile.from_dict(d)
+        e = prof.errors[0]  # block 0: the errors behind the choice
+        assert e[0, SLIDING] < 0.05 and e[0, CORESET] > DEMO_TAU  # local head: only the tile is close
+        assert e[-1, CORESET] <= DEMO_TAU < e[-1, SLIDING]  # global head: only the core-set is close
+        table = prof.table(DEMO_TAU)
+        for b in range(SMALL["blocks"]):
+            assert table[b, b % H] == SLIDING and table[b, (H - 1 + b) % H] == CORESET, (b, table)
+    tiny = dict(SMALL, blocks=1, steps=1)
+    dense = run_demo(tmp_path / "tau0", **tiny, tau=0.0)  # no error allowed: every head full, output dense
+    assert dense["steps"][0]["shares"]["full"] == 1.0
+    assert dense["steps"][0]["block0_rel_err"] < 1e-5
+
+
 def test_run_demo_refuses_bad_arguments_before_writing(tmp_path):
     (tmp_path / "file").write_bytes(b"keep me")
     bad = [
         dict(grid=(0, 4, 4)), dict(heads=0), dict(head_dim=0), dict(head_dim=7), dict(blocks=0), dict(steps=0),
         dict(tile=(0, 2, 2)), dict(window=(2, 3, 3)), dict(device="foo"), dict(out_dir=tmp_path / "file"),
+        dict(tau=-0.1), dict(tau=float("nan")),
     ]
     for kw in bad:
         args = {"out_dir": tmp_path / "out", "grid": (2, 4, 4), "tile": (1, 2, 2), "log": lambda *_: None, **kw}

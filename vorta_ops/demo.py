@@ -2,9 +2,12 @@
 
 The synthetic "video" is a smooth 3D field (a few low-frequency waves over t, h, w per channel)
 plus a little noise, projected to q, k, v per head: neighbouring tokens are similar, which is the
-redundancy core-set selection exploits. The router is synthetic too (seeded random weights on a
-sinusoidal timestep embedding, biased against the full branch the way a trained router is), so
-the decision table changes with the step like a real one. Nothing here is a trained model.
+redundancy core-set selection exploits. There is no router: the demo routes training-free
+(profiling.py). Once per step bin it profiles every block's heads on sampled query rows
+(profile_heads: each branch's relative error against exact attention) and takes, per head, the
+cheapest branch within DEMO_TAU of dense (decide_from_errors, with hysteresis across bins). Each
+block has its own synthetic heads (block 0 is the one the demo measures in full). Nothing here is
+a trained model.
 """
 from __future__ import annotations
 
@@ -18,16 +21,26 @@ import torch
 from .coreset import CoresetConfig
 from .dispatch import RoutedConfig, routed_attention
 from .layout import check_grid
-from .router import BRANCH_NAMES, FULL, RouterSet, decision_shares, sinusoidal_embedding
+from .profiling import HeadProfile, branch_costs, decide_from_errors, profile_heads, sample_rows
+from .router import BRANCH_NAMES, CORESET, FULL, SLIDING, decision_shares
 from .sliding_tile import SlidingTileConfig
 from .viz import render_decisions
 
-__all__ = ["synthetic_video_qkv", "synthetic_router", "timestep_embedding", "reference_attention", "run_demo"]
+__all__ = ["synthetic_video_qkv", "reference_attention", "run_demo", "DEMO_TAU", "DEMO_ROWS", "DEMO_BINS"]
 
-
-def timestep_embedding(t: float, dim: int) -> torch.Tensor:
-    """[dim] sinusoidal embedding of one timestep (0..1000); the synthetic router's input."""
-    return sinusoidal_embedding(t, dim)[0]
+# The demo's error budget: a head takes the cheapest sparse branch whose relative L2 error on the
+# sampled rows is <= 0.3, else full. Why 0.3, on these synthetic heads (see synthetic_video_qkv):
+# a branch that fits a head's pattern errs 0.002-0.06 (sliding tile on the local heads) or
+# 0.12-0.26 (core-set on the global heads: they average a zero-mean v field, so the dense output is
+# small and a relative error looks large), while a branch that misses the pattern errs 0.33-0.47
+# (core-set on the local heads) or 0.29-0.44 (sliding tile on the most global heads of a small
+# grid). 0.3 sits in that gap (checked at the default and the test sizes, seeds 0-2), so local
+# heads go to sliding tile, global heads to core-set, and heads that neither fits stay full. It is
+# a demo setting, not a quality recommendation for real models: their tau is to be calibrated
+# (shared/research/training-free-routing.md, section 3).
+DEMO_TAU = 0.3
+DEMO_ROWS = 256  # sampled query rows per profile (the design's r; all rows when the grid is smaller)
+DEMO_BINS = 4  # step bins, each profiled at its first step (the design's K)
 
 
 def synthetic_video_qkv(grid, heads=8, head_dim=64, batch=1, noise=0.1, seed=0, device="cpu", dtype=torch.float32):
@@ -55,15 +68,6 @@ def synthetic_video_qkv(grid, heads=8, head_dim=64, batch=1, noise=0.1, seed=0, 
         v[h] = torch.sin(2 * math.pi * pos @ vfreq.T + torch.rand(head_dim, generator=g) * 6.28)
         v[h] += noise * torch.randn(L, head_dim, generator=g)
     return tuple(x[None].expand(batch, -1, -1, -1).contiguous().to(device, dtype) for x in (q, k, v))
-
-
-def synthetic_router(blocks=12, heads=8, embed_dim=256, seed=0) -> RouterSet:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(blocks, heads * 3, embed_dim, generator=g) * (3.0 / math.sqrt(embed_dim))
-    b = torch.zeros(blocks, heads, 3)
-    b[:, :, 0] = -2.5  # full attention is rare, as with trained routers
-    b[:, :, 2] = torch.linspace(0.8, -0.4, blocks)[:, None]  # early blocks lean local
-    return RouterSet("generic", w, b.reshape(blocks, heads * 3), meta={"note": "synthetic demo router, not trained"})
 
 
 def _timed(fn, device):
@@ -146,15 +150,19 @@ def _prepare_out(out_dir) -> Path:
 
 def run_demo(
     out_dir="demo_out", grid=(8, 16, 24), heads=8, head_dim=64, blocks=12, steps=10,
-    tile=(2, 4, 4), window=(3, 3, 3), device=None, seed=0, log=print,
+    tile=(2, 4, 4), window=(3, 3, 3), device=None, seed=0, log=print, tau=DEMO_TAU,
 ) -> dict:
     """Runs the three branches and the routed layer on a synthetic video, measures each against
     an independent float64 reference (``reference_attention``) and checks that the routed layer
-    gives every head exactly its branch's output; writes the routing picture and a JSON summary
-    into ``out_dir``. Bad arguments raise ValueError before anything is computed or written."""
+    gives every head exactly its branch's output; the routing table comes from profiling the
+    synthetic heads (``_profile_tables``) at error budget ``tau``. Writes the routing picture and a
+    JSON summary into ``out_dir``. Bad arguments raise ValueError before anything is computed or
+    written."""
     grid = check_grid(grid)
     heads, head_dim = _check_count("heads", heads), _check_count("head_dim", head_dim, even=True)
     blocks, steps = _check_count("blocks", blocks), _check_count("steps", steps)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
+        raise ValueError(f"tau must be a number >= 0 (the relative error a sparse branch may have), got {tau!r}")
     cfg = RoutedConfig(SlidingTileConfig(tile, window), CoresetConfig())  # checks tile and window
     device = _resolve_device(device)
     out = _prepare_out(out_dir)
@@ -180,9 +188,9 @@ def run_demo(
         summary["branches"][name] = {"rel_err": rel, "max_abs_err": mx, "ms": ms}
         log(f"  {name:<13} {rel:>9.2e} {mx:>9.2e} {ms:>8.1f}")
     summary["dense_ms"] = summary["branches"][BRANCH_NAMES[FULL]]["ms"]
-    router = synthetic_router(blocks, heads, seed=seed)
     timesteps = torch.linspace(999, 0, steps).tolist()
-    tables = torch.stack([router.decide(timestep_embedding(t, router.embed_dim)) for t in timesteps])
+    tables, routing = _profile_tables(q, k, v, grid, cfg, blocks, steps, seed, float(tau), log)
+    summary["routing"] = routing
     log(f"  routed layer (block 0) per step:  {'full':>5} {'core':>5} {'slide':>5}  {'rel err':>8} {'dispatch':>8} {'ms':>7}")
     for s, t in enumerate(timesteps):
         routed_attention(q, k, v, tables[s, 0], grid, cfg)  # warm-up: a new head split may compile kernels
@@ -201,10 +209,58 @@ def run_demo(
             f"{rel:8.4f} {dispatch:8.1e} {ms:7.1f}")
     log("  (rel err: routed layer against the float64 reference; dispatch: max |routed - per-head branch outputs|)")
     # a flow-matching schedule (as Wan and HunyuanVideo use) has sigma = timestep / 1000
-    img = render_decisions(tables, sigmas=[t / 1000.0 for t in timesteps], title="VORTA demo routing (synthetic router)")
+    img = render_decisions(tables, sigmas=[t / 1000.0 for t in timesteps],
+                           title=f"VORTA demo routing (training-free, tau {float(tau):g})")
     png = out / "vorta_demo_routing.png"
     img.save(png)
     (out / "vorta_demo_summary.json").write_text(json.dumps(summary, indent=2))
     log(f"  wrote {png} and {out / 'vorta_demo_summary.json'}  (branches: {', '.join(BRANCH_NAMES)})")
     summary["png"] = str(png)
     return summary
+
+
+def _profile_tables(q, k, v, grid, cfg: RoutedConfig, blocks: int, steps: int, seed: int, tau: float, log):
+    """The demo's routing table int8 [steps, blocks, heads], training-free.
+
+    The steps are cut into min(DEMO_BINS, steps) equal bins; at the first step of each bin every
+    block's heads are profiled on DEMO_ROWS stratified rows (a new row seed per bin) and decided at
+    ``tau``, with hysteresis against the block's previous bin; the bin's other steps reuse that
+    table. Block 0 is the demo's q, k, v; block b > 0 gets synthetic heads of seed ``seed + b``,
+    rolled by b along the heads so the blocks' local and global heads sit at different places, as
+    in a real model (made once, dropped after its profiles). Unlike the design there is no dense warm-up (first
+    steps, block 0): the demo's heads do not change with the step, and block 0 is the routed layer
+    the demo checks. Returns (tables, the summary's "routing" entry).
+    """
+    heads, head_dim = q.shape[1], q.shape[3]
+    n_bins = min(DEMO_BINS, steps)
+    first = [b * steps // n_bins for b in range(n_bins)]  # first step of each bin
+    r = min(DEMO_ROWS, math.prod(grid))
+    rows = [sample_rows(grid, max(r, grid[0]), seed=seed * 1000 + b) for b in range(n_bins)]
+    costs = branch_costs(cfg, grid)
+    errors = torch.zeros(n_bins, blocks, heads, len(BRANCH_NAMES))
+    decided = torch.zeros(n_bins, blocks, heads, dtype=torch.int8)
+    t0 = time.perf_counter()
+    for blk in range(blocks):
+        qkv = (q, k, v) if blk == 0 else tuple(x.roll(blk, dims=1) for x in synthetic_video_qkv(
+            grid, heads, head_dim, seed=seed + blk, device=q.device, dtype=q.dtype))
+        prev = None
+        for b in range(n_bins):
+            errors[b, blk] = profile_heads(*qkv, grid, cfg, rows[b])
+            prev = decided[b, blk] = decide_from_errors(errors[b, blk], tau, costs, prev=prev)
+    profile_ms = (time.perf_counter() - t0) * 1e3
+    bin_of = [min(s * n_bins // steps, n_bins - 1) for s in range(steps)]
+    tables = decided[bin_of]
+    profiles = [HeadProfile.build(errors[b], grid, cfg, rows[b].numel(), seed * 1000 + b) for b in range(n_bins)]
+    log(f"  training-free routing: {n_bins} step bins x {blocks} blocks profiled on {rows[0].numel()} rows each "
+        f"({profile_ms:.0f} ms in all); tau {tau:g}; costs vs dense: "
+        + ", ".join(f"{n} {float(c):.2f}" for n, c in zip(BRANCH_NAMES, costs)))
+    log(f"  block 0 profile (bin 0):  {'head':>4} {'core err':>9} {'tile err':>9}  branch")
+    for h in range(heads):
+        e = errors[0, 0, h]
+        log(f"  {'':25}{h:>4} {float(e[CORESET]):9.4f} {float(e[SLIDING]):9.4f}  {BRANCH_NAMES[int(decided[0, 0, h])]}")
+    routing = {
+        "method": "training-free: profile_heads on sampled rows, then decide_from_errors (cheapest branch with error <= tau)",
+        "tau": tau, "rows": rows[0].numel(), "bins": n_bins, "profiled_steps": first, "profile_ms": profile_ms,
+        "profiles": [p.to_dict() for p in profiles],
+    }
+    return tables, routing
