@@ -16,7 +16,10 @@ rows: 1-D int64 positions in [0, L), grid tokens only (prefix/suffix extras are 
 Cost per head: one r x L score matrix (shared by exact and sliding tile), one r x Lc matrix for
 the core-set (Lc ~ keep_ratio * L kept keys), and the core-set selection (one cosine similarity
 per bucket member: O(L * D)). That is O(r * L * D), never L x L; memory B x r x L floats per head
-(heads run one at a time).
+(heads run one at a time). Measured on an H200 (bf16, r = 256, one call = one block): Wan-1.3B
+480p (L 32,760, 12 heads) 17 ms against 10 ms for dense SDPA; Wan-14B 720p (L 75,600, 40 heads)
+74 ms against 204 ms. The per-head loop is launch-bound at these sizes (r = 64 costs 13 / 54 ms):
+running groups of heads at once would cut it; profiling runs on a few steps of a run only.
 """
 from __future__ import annotations
 
@@ -170,7 +173,7 @@ def profile_heads(
         tile_ok = tile_ok & key_ok
     cs: CoresetConfig = cfg.coreset
     bi = bucket_index(grid, cs.bucket, n_prefix, n_suffix, dev)
-    errors = torch.zeros(H, N_BRANCHES, dtype=torch.float32)
+    errors = torch.zeros(H, N_BRANCHES, dtype=torch.float32, device=dev)  # on q's device: one sync, at the end
     for h in range(H):
         qh, kh, vh = (x[:, h].float() for x in (q, k, v))  # [B, L, D]
         # exact and sliding tile share one [B, r, L] score matrix
@@ -187,7 +190,7 @@ def profile_heads(
         c_ok = None if kv_mask is None else kv_mask.gather(1, k_gather)[:, None, :]
         errors[h, CORESET] = _rel_err(_attend(c_scores, _take(vh, k_gather), c_ok), exact)
     errors[:, FULL] = 0.0
-    return errors
+    return errors.cpu()
 
 
 # ---- the decision ----------------------------------------------------------------------------
