@@ -10,12 +10,12 @@ from .apply import VortaApply
 from .patch import options_error
 from .gate_view import VortaGateVisualizer
 from .prompt_check import mark_prompt
-from .router_loader import VortaRouterLoader, register_folder
+from .router_loader import VortaRouterLoader, VortaTrainingFreeRouter, register_folder
 
 
 class VortaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [VortaRouterLoader, VortaApply, VortaGateVisualizer]
+        return [VortaRouterLoader, VortaTrainingFreeRouter, VortaApply, VortaGateVisualizer]
 
 
 def _passes_model(class_type: str, slot: int) -> bool:

@@ -184,6 +184,7 @@ class ForwardInfo:
     plan: RoutingPlan
     layout: object  # models.CallLayout: where the extra tokens sit in this call's self-attention
     step: int | float | None  # key of the step's StepRecord
+    profiler: object = None  # a measuring router's Profiler when this call is to be measured
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -235,8 +236,12 @@ class VortaState:
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)
 
-    def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None) -> torch.Tensor:
-        return self.provider.table(StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device))
+    def step_context(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> StepContext:
+        cfg = self.routed_config(grid) if grid is not None else None
+        return StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device, grid, cfg)
+
+    def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> torch.Tensor:
+        return self.provider.table(self.step_context(diffusion_model, t, dtype, device, sigma, percent, grid))
 
     def routed_config(self, grid) -> RoutedConfig:
         """The branch configuration for a grid, resolved once per grid ("auto" tile and similarity)."""
@@ -447,6 +452,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         to.pop(FORWARD_KEY, None)
+        if info.profiler is not None:
+            info.profiler.finish()
 
 
 def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
@@ -458,8 +465,11 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
     percent = _step_percent(run, sigma, step, n_steps)
+    ctx = run.state.step_context(dm, t, x.dtype, x.device, sigma, percent, grid)
     if key not in run.tables:
-        run.tables[key] = run.state.table_for(dm, t, x.dtype, x.device, sigma, percent)
+        run.tables[key] = run.state.provider.table(ctx)
+    request = getattr(run.state.provider, "profile_request", None)
+    profiler = request(ctx) if request is not None else None
     table = run.state.apply_overrides(run.tables[key], percent)
     plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
     rec_key = step if step is not None else key
@@ -468,7 +478,7 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     layout = call_layout(run.spec, named, grid)
     if not getattr(layout, "routable", True):
         run.warn_once("layout", f"this model call cannot be routed ({layout.why})")
-    return ForwardInfo(plan, layout, rec_key)
+    return ForwardInfo(plan, layout, rec_key, profiler)
 
 
 def make_block_patch(index: int, previous=None):
@@ -585,6 +595,14 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
     plan = fwd.plan
+    if fwd.profiler is not None:  # a measuring router's bin start: measure this block's heads (the call runs dense)
+        try:
+            fwd.profiler.observe(block, qh, kh, vh, fwd.grid, fwd.cfg, n_prefix, n_suffix,
+                                 kv_mask if isinstance(kv_mask := _key_mask(kwargs.get("mask"), B, L), torch.Tensor) else None)
+        except Exception as e:
+            if _is_interrupt(e):
+                raise
+            run.warn_once("profile", f"measuring the heads failed ({type(e).__name__}: {e}); those blocks run full")
     if plan.all_full[block]:
         _count(rec, plan.head_counts[block], H)
         return dense()

@@ -39,6 +39,8 @@ class StepContext:
     percent: float | None = None  # ComfyUI's sampling percent of the step (0 = start)
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
+    grid: tuple[int, int, int] | None = None  # the call's latent token grid (a measuring router keys on it)
+    cfg: object = None  # the RoutedConfig the table will run with
 
 
 @runtime_checkable

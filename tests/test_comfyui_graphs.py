@@ -286,3 +286,42 @@ def test_hunyuan_text_refiner_with_a_long_prompt_is_not_taken_for_video(server):
     log = _log_since(server, mark)
     assert "VORTA:" not in log, log  # no warning of any kind
     assert "coreset 50.0%, sliding_tile 50.0%" in log
+
+
+def test_training_free_router_routes_a_model_with_no_router_file(server):
+    """Wan 2.2 5B has no official router: the Training-Free Router measures the first step of each
+    span (run dense), routes the others, and the output equals the per-head reference; a second run
+    of the same model measures nothing and routes from its first step."""
+    p = _prompt(None, prefix="tf", steps=4)
+    p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
+    p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 8, "width": 12}}
+    # tau 10: every sparse branch passes on random weights (whose heads are all diffuse), so routing shows
+    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": 10.0, "warmup_percent": 0.0, "bins": 2,
+                                                                   "rows": 16, "seed": 0}}
+    p["3"] = {"class_type": "VortaApply", "inputs": {
+        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
+        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
+    p["7"]["inputs"]["model"] = ["3", 0]
+    p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 4,
+                                                              "scheduler": "simple", "latent": ["7", 0]}}
+    mark = len(server.log.read_text())
+    entry = server.run(p)
+    log = _log_since(server, mark)
+    steps = gates(entry, "9")["steps"]
+    assert len(steps) == 4 and steps[0] == steps[2] == "0000"  # span starts: measured, dense
+    for s in (steps[1], steps[3]):
+        assert s[:2] == "00" and "0" not in s[2:], steps  # block 0 dense; block 1 routed
+    assert log.count("training-free router measured") == 2, log[-3000:]
+    again = copy.deepcopy(p)
+    again["7"]["inputs"]["seed"] = next(_seeds)
+    again["8"]["inputs"]["filename_prefix"] = "tf_again"
+    mark = len(server.log.read_text())
+    entry = server.run(again)
+    assert "training-free router measured" not in _log_since(server, mark)
+    assert all(s[:2] == "00" and "0" not in s[2:] for s in gates(entry, "9")["steps"])
+    # the same (measured) tables, computed by the per-head reference
+    ref = _after(copy.deepcopy(again), "30", "VortaTestReferenceOverride")
+    ref["8"]["inputs"]["filename_prefix"] = "tf_ref"
+    ref.pop("9")
+    server.run(ref)
+    torch.testing.assert_close(saved_latent(server, "tf_again"), saved_latent(server, "tf_ref"), atol=1e-4, rtol=1e-4)

@@ -298,7 +298,7 @@ def test_routing_setup_failure_runs_dense_and_says_so(caplog):
     def broken_table(*a, **k):
         raise RuntimeError("no embedding")
 
-    state.table_for = broken_table
+    state.provider.table = broken_table
     seen = []
 
     class Exec:

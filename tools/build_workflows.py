@@ -22,6 +22,7 @@ OUTPUTS = {
     "KSampler": [("LATENT", "LATENT")], "KSamplerAdvanced": [("LATENT", "LATENT")], "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveAnimatedWEBP": [], "FluxGuidance": [("CONDITIONING", "CONDITIONING")],
     "VortaRouterLoader": [("router", "VORTA_ROUTER")], "VortaApply": [("MODEL", "MODEL")],
+    "VortaTrainingFreeRouter": [("router", "VORTA_ROUTER")], "Wan22ImageToVideoLatent": [("LATENT", "LATENT")],
     "VortaGateVisualizer": [("image", "IMAGE"), ("summary", "STRING")], "Note": [],
 }
 # link inputs (name, type) per node type, in schema order
@@ -32,8 +33,10 @@ INPUTS = {
     "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")], "SaveAnimatedWEBP": [("images", "IMAGE")],
     "FluxGuidance": [("conditioning", "CONDITIONING")], "VortaApply": [("model", "MODEL"), ("router", "VORTA_ROUTER")],
     "VortaGateVisualizer": [("model", "MODEL"), ("router", "VORTA_ROUTER"), ("sigmas", "SIGMAS"), ("latent", "LATENT")],
+    "Wan22ImageToVideoLatent": [("vae", "VAE"), ("start_image", "IMAGE")],
 }
 TITLE_W = 320
+OPTIONAL_UNLINKED = {("VortaGateVisualizer", "router"), ("VortaGateVisualizer", "sigmas"), ("Wan22ImageToVideoLatent", "start_image")}
 
 # VortaApply widgets: enabled, tile, window, bucket, keep_ratio, similarity, dense start %, dense end %, dense blocks,
 # tau_sparse
@@ -58,7 +61,7 @@ def build(name: str, nodes: list[dict], note: str) -> dict:
         inputs = []
         for slot, (iname, itype) in enumerate(INPUTS.get(n["type"], [])):
             lk = next((l for l in links if l[3] == nid and l[4] == iname), None)
-            if lk is None and n["type"] == "VortaGateVisualizer" and iname in ("router", "sigmas"):
+            if lk is None and (n["type"], iname) in OPTIONAL_UNLINKED:
                 inputs.append({"name": iname, "type": itype, "link": None, "shape": 7})  # optional, unconnected
                 continue
             inputs.append({"name": iname, "type": itype, "link": lk[0] if lk else None})
@@ -187,10 +190,44 @@ def hunyuan_t2v():
     return build("hunyuan_t2v", nodes, note)
 
 
+def wan22_5b_training_free():
+    nodes = [
+        {"key": "unet", "type": "UNETLoader", "pos": [20, 20], "widgets": ["wan2.2_ti2v_5B_fp16.safetensors", "default"]},
+        {"key": "clip", "type": "CLIPLoader", "pos": [20, 180], "widgets": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]},
+        {"key": "vae", "type": "VAELoader", "pos": [20, 340], "widgets": ["wan2.2_vae.safetensors"]},
+        # tau, warm-up %, spans, sampled rows, seed
+        {"key": "router", "type": "VortaTrainingFreeRouter", "pos": [20, 460], "size": [320, 200], "widgets": [0.3, 10.0, 4, 256, 0]},
+        {"key": "vorta", "type": "VortaApply", "pos": [380, 20], "size": [320, 300], "widgets": APPLY_DEFAULT,
+         "links": {"model": ("unet", 0), "router": ("router", 0)}},
+        {"key": "shift", "type": "ModelSamplingSD3", "pos": [380, 360], "widgets": [8.0], "links": {"model": ("vorta", 0)}},
+        {"key": "pos", "type": "CLIPTextEncode", "pos": [740, 20], "size": [400, 160], "widgets": [POS], "links": {"clip": ("clip", 0)}},
+        {"key": "neg", "type": "CLIPTextEncode", "pos": [740, 220], "size": [400, 160], "widgets": [NEG], "links": {"clip": ("clip", 0)}},
+        {"key": "latent", "type": "Wan22ImageToVideoLatent", "pos": [740, 420], "widgets": [1280, 704, 121, 1],
+         "links": {"vae": ("vae", 0)}},
+        {"key": "ks", "type": "KSampler", "pos": [1180, 20], "size": [320, 270], "widgets": [1234, "fixed", 30, 5.0, "uni_pc", "simple", 1.0],
+         "links": {"model": ("shift", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("latent", 0)}},
+        {"key": "dec", "type": "VAEDecode", "pos": [1540, 20], "links": {"samples": ("ks", 0), "vae": ("vae", 0)}},
+        {"key": "save", "type": "SaveAnimatedWEBP", "pos": [1540, 140], "size": [400, 420], "widgets": ["vorta/wan22_5b", 24.0, False, 90, "default"],
+         "links": {"images": ("dec", 0)}},
+        {"key": "gate", "type": "VortaGateVisualizer", "pos": [1180, 340], "size": [320, 300], "widgets": ["last run", 30, "simple"],
+         "links": {"model": ("vorta", 0), "latent": ("ks", 0)}},
+    ]
+    note = ("VORTA on Wan 2.2 TI2V 5B with the Training-Free Router: no router file. At the start of each of 4 spans of the "
+            "denoising (after a 10% dense warm-up) it measures, per block and head, how far each sparse branch lands from "
+            "full attention on 256 sampled query rows (that step runs dense), then routes each head to the cheapest branch "
+            "within tau. A second run of the same model and size measures nothing.\n\nFiles:\n"
+            "- models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors\n- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
+            "- models/vae/wan2.2_vae.safetensors\n\nVORTA Apply may sit before or after ModelSamplingSD3, LoRAs and other "
+            "patches. tau 0.3 is a starting point measured on synthetic heads: lower it if quality drops, raise it for speed; "
+            "the gate visualizer shows what ran.")
+    return build("wan22_5b_training_free", nodes, note)
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     for fn, name in ((wan21_t2v_14b, "vorta_wan21_t2v_14b.json"), (wan22_a14b, "vorta_wan22_a14b_t2v.json"),
-                     (hunyuan_t2v, "vorta_hunyuan_video_t2v.json")):
+                     (hunyuan_t2v, "vorta_hunyuan_video_t2v.json"),
+                     (wan22_5b_training_free, "vorta_wan22_5b_training_free.json")):
         (OUT / name).write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", OUT / name)
 

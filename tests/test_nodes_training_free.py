@@ -1,0 +1,109 @@
+"""The training-free router through the patch (small fakes, no ComfyUI): it measures the first step
+of each span of the denoising (running it dense), routes the span's other steps by those errors,
+keeps block 0 and the warm-up dense, and a rerun measures nothing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nodes import patch as P
+from nodes.training_free import TrainingFreeProvider
+from test_nodes_patch import FakePatcher, WanModel
+from test_profiling import TAU, planted_heads
+from vorta_ops.dispatch import routed_attention
+from vorta_ops.router import CORESET, FULL, SLIDING
+
+H, D = 4, 32
+
+
+def dense_backend(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
+    if not skip_reshape:
+        B, L, _ = q.shape
+        q, k, v = (x.view(B, L, heads, -1).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1])
+
+
+def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0)):
+    """One sampling run of a 2-block fake Wan on the planted heads (latent 4x16x16 -> grid 4x8x8);
+    returns the run and the outputs per (step, block)."""
+    dm = WanModel(heads=H)
+    _, state = P.apply_vorta(FakePatcher(dm), provider,
+                             P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2)))
+    run = state.new_run(percent_of=lambda s: 1.0 - s)  # a flow schedule: percent = 1 - sigma
+    q, k, v = planted_heads()
+    flat = [x.transpose(1, 2).reshape(1, -1, H * D) for x in (q, k, v)]
+    outs = {}
+
+    class Exec:
+        class_obj = dm
+
+        def __call__(self, x, timestep, context, clip_fea, tdc, to):
+            for block in range(2):
+                to[P.BLOCK_KEY] = block
+                outs[(to["sigmas"].item(), block)] = P.vorta_attention_override(
+                    state, dense_backend, *flat, heads=H, transformer_options=to)
+            return x
+
+    ss = torch.tensor(sigmas)
+    for s in sigmas[:-1]:
+        to = {P.STATE_KEY: run, "sigmas": torch.tensor([s]), "sample_sigmas": ss}
+        P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 4, 16, 16), torch.tensor([s * 1000]), None, None, None, to)
+    return state, run, outs
+
+
+def test_measures_bin_starts_and_routes_the_rest_of_each_span():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
+    state, run, outs = sample(prov)
+    tables = [run.steps[i].table for i in range(4)]
+    assert prov.profiled_calls == 2 * 2  # 2 blocks at each of the 2 bin starts (steps 0 and 2)
+    for i in (0, 2):  # measured: dense while measuring
+        assert bool((tables[i] == FULL).all())
+    for i in (1, 3):
+        assert bool((tables[i][0] == FULL).all())  # block 0 stays dense
+        # planted: heads 0 and 3 local -> sliding tile, head 1 redundant -> core-set, head 2 random -> full
+        assert tables[i][1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
+    q, k, v = planted_heads()
+    cfg = state.routed_config((4, 8, 8))
+    ref = routed_attention(q, k, v, tables[1][1], (4, 8, 8), cfg, full_fn=F.scaled_dot_product_attention)
+    torch.testing.assert_close(outs[(0.75, 1)], ref.transpose(1, 2).reshape(1, -1, H * D))
+
+
+def test_rerun_of_the_same_model_measures_nothing():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
+    dm = WanModel(heads=H)
+    _, state = P.apply_vorta(FakePatcher(dm), prov, P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2)))
+    q, k, v = planted_heads()
+    flat = [x.transpose(1, 2).reshape(1, -1, H * D) for x in (q, k, v)]
+
+    class Exec:
+        class_obj = dm
+
+        def __call__(self, x, timestep, context, clip_fea, tdc, to):
+            for block in range(2):
+                to[P.BLOCK_KEY] = block
+                P.vorta_attention_override(state, dense_backend, *flat, heads=H, transformer_options=to)
+            return x
+
+    def one_run():
+        run = state.new_run(percent_of=lambda s: 1.0 - s)
+        ss = torch.tensor([1.0, 0.5, 0.0])
+        for s in (1.0, 0.5):
+            to = {P.STATE_KEY: run, "sigmas": torch.tensor([s]), "sample_sigmas": ss}
+            P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 4, 16, 16), torch.tensor([s * 1000]), None, None, None, to)
+        return run
+
+    first = one_run()
+    measured = prov.profiled_calls
+    second = one_run()
+    assert measured == 4 and prov.profiled_calls == measured  # the rerun measured nothing
+    assert bool((first.steps[0].table == FULL).all())  # the first run measured step 0 (dense)
+    assert second.steps[0].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]  # the rerun routes it
+
+
+def test_warmup_and_tau_zero_stay_dense():
+    prov = TrainingFreeProvider(tau=0.0, warmup=0.3, bins=1, rows=64)
+    _, run, _ = sample(prov)
+    assert all(bool((run.steps[i].table == FULL).all()) for i in range(4))
+    assert prov.bin_of(0.2) is None and prov.bin_of(0.3) == 0 and prov.bin_of(0.99) == 0
+    with pytest.raises(ValueError, match="warmup"):
+        TrainingFreeProvider(warmup=1.0)
