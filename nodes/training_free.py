@@ -14,6 +14,7 @@ profiles nothing and a new tau needs no new profile.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -49,7 +50,9 @@ class TrainingFreeProvider:
         self.tau, self.warmup, self.bins, self.rows, self.seed = float(tau), float(warmup), int(bins), int(rows), int(seed)
         self.dense_block0 = dense_block0
         self.spec: ModelSpec | None = None
-        self.errors: dict = {}  # (model, grid, bin) -> float [blocks, heads, N_BRANCHES]
+        # per diffusion model (one node may feed both Wan 2.2 experts; an entry goes with its model, so a
+        # new model at a reused address never sees another's measurements): (grid, bin) -> [blocks, heads, N_BRANCHES]
+        self.errors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.profiled_calls = 0  # attention calls profiled so far (tests: a rerun adds none)
 
     # shared by ComfyUI's model_options copies (its measurements are what it is for)
@@ -73,8 +76,6 @@ class TrainingFreeProvider:
 
     def check_fits(self, spec: ModelSpec) -> None:
         """Any supported model fits: the router measures the model it is applied to."""
-        if self.spec is not None and (self.spec.blocks, self.spec.heads) != (spec.blocks, spec.heads):
-            self.errors.clear()  # measured on another model
         self.spec = spec
 
     def bin_of(self, percent: float | None) -> int | None:
@@ -88,14 +89,12 @@ class TrainingFreeProvider:
     def _dense(self) -> torch.Tensor:
         return torch.full((self.blocks, self.heads), FULL, dtype=torch.int8)
 
-    @staticmethod
-    def _key(ctx: StepContext, b: int):
-        # per diffusion model too: one node may feed both Wan 2.2 experts
-        return (id(ctx.diffusion_model), ctx.grid, b)
+    def _measured(self, ctx: StepContext) -> dict:
+        return self.errors.setdefault(ctx.diffusion_model, {})
 
     def table(self, ctx: StepContext) -> torch.Tensor:
         b = self.bin_of(ctx.percent)
-        errors = self.errors.get(self._key(ctx, b)) if b is not None else None
+        errors = self._measured(ctx).get((ctx.grid, b)) if b is not None else None
         if errors is None:
             return self._dense()  # warm-up, or this call is being profiled
         table = decide_from_errors(errors, self.tau, branch_costs(ctx.cfg, ctx.grid))
@@ -109,21 +108,21 @@ class TrainingFreeProvider:
     def measured_errors(self, ctx: StepContext) -> torch.Tensor | None:
         """[blocks, heads, N_BRANCHES] errors behind this step's table (the gate view's "why")."""
         b = self.bin_of(ctx.percent)
-        return self.errors.get(self._key(ctx, b)) if b is not None else None
+        return self._measured(ctx).get((ctx.grid, b)) if b is not None else None
 
     def profile_request(self, ctx: StepContext) -> "Profiler | None":
         """A profiler for this model call when it starts a bin not measured yet, else None."""
         b = self.bin_of(ctx.percent)
-        if b is None or ctx.grid is None or self._key(ctx, b) in self.errors:
+        if b is None or ctx.grid is None or (ctx.grid, b) in self._measured(ctx):
             return None
-        return Profiler(self, self._key(ctx, b))
+        return Profiler(self, self._measured(ctx), (ctx.grid, b))
 
 
 class Profiler:
     """Collects one model call's per-block errors; stores them in the provider when it ends."""
 
-    def __init__(self, provider: TrainingFreeProvider, key):
-        self.provider, self.key = provider, key
+    def __init__(self, provider: TrainingFreeProvider, store: dict, key):
+        self.provider, self.store, self.key = provider, store, key
         self.errors = torch.full((provider.blocks, provider.heads, N_BRANCHES), float("nan"))
 
     def observe(self, block: int, q, k, v, grid, cfg, n_prefix=0, n_suffix=0, kv_mask=None) -> None:
@@ -137,6 +136,6 @@ class Profiler:
     def finish(self) -> None:
         measured = ~torch.isnan(self.errors[..., 1:]).all(-1).all(-1)
         if bool(measured.any()):  # unmeasured blocks stay NaN: they run full
-            self.provider.errors[self.key] = self.errors
+            self.store[self.key] = self.errors
             log.info("VORTA: training-free router measured %d of %d blocks for denoising span %d of %d (grid %s)",
-                     int(measured.sum()), len(measured), self.key[2] + 1, self.provider.bins, self.key[1])
+                     int(measured.sum()), len(measured), self.key[1] + 1, self.provider.bins, self.key[0])

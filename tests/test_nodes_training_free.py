@@ -107,3 +107,16 @@ def test_warmup_and_tau_zero_stay_dense():
     assert prov.bin_of(0.2) is None and prov.bin_of(0.3) == 0 and prov.bin_of(0.99) == 0
     with pytest.raises(ValueError, match="warmup"):
         TrainingFreeProvider(warmup=1.0)
+
+
+def test_measurements_belong_to_their_model():
+    """Another model object (e.g. the other Wan 2.2 expert on the same node) is measured afresh, and a
+    model's measurements go when the model goes."""
+    import gc
+
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
+    sample(prov)
+    sample(prov)
+    assert prov.profiled_calls == 2 * 4
+    gc.collect()
+    assert len(prov.errors) == 0  # both fake models are gone, and their entries with them
