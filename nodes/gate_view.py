@@ -33,10 +33,11 @@ def gate_tables(model, router=None, sigmas=None, steps=20, scheduler="simple", m
         n = max(sigmas.numel() - 1, 1) if sigmas is not None else steps
         table = torch.full((n, spec.blocks, spec.heads), FULL, dtype=torch.int8)
         return table, [f"step {i}" for i in range(n)], "VORTA not applied (off or not connected): full attention"
-    measuring = state is not None and router is None and hasattr(state.provider, "profile_request")
+    provider = state.provider if router is None else router
+    measuring = hasattr(provider, "profile_request")
     if measuring and mode == "predicted":
         # a training-free router decides while it samples: nothing to predict before a run
-        if state.last_run is not None and any(r.calls for r in state.last_run.steps.values()):
+        if state is not None and state.last_run is not None and any(r.calls for r in state.last_run.steps.values()):
             mode = "last run"
         else:
             spec = inspect_model(model.model.diffusion_model)

@@ -111,6 +111,8 @@ class VortaOptions:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction of the schedule in [0, 1], got {v}")
+        if self.dense_start + self.dense_end > 1.0 + 1e-9:
+            raise ValueError(f"dense start + dense end is {(self.dense_start + self.dense_end) * 100:g}% of the schedule, at most 100%")
 
     def tile_for(self, spec: ModelSpec, grid) -> tuple[int, int, int]:
         if self.tile == "official":
@@ -168,12 +170,12 @@ def options_error(inputs: dict) -> str | None:
     if err:
         return err
     try:
+        total = vals["dense_start_percent"] + vals["dense_end_percent"]
+        if total > 100:
+            return f"dense_start_percent + dense_end_percent is {total}, at most 100"
         build_options(**vals)
     except (ValueError, TypeError) as e:
         return str(e)
-    total = vals["dense_start_percent"] + vals["dense_end_percent"]
-    if total > 100:
-        return f"dense_start_percent + dense_end_percent is {total}, at most 100"
     return None
 
 
@@ -236,9 +238,10 @@ class VortaState:
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)
 
-    def step_context(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> StepContext:
+    def step_context(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None,
+                     weights=None) -> StepContext:
         cfg = self.routed_config(grid) if grid is not None else None
-        return StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device, grid, cfg)
+        return StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device, grid, cfg, weights)
 
     def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> torch.Tensor:
         return self.provider.table(self.step_context(diffusion_model, t, dtype, device, sigma, percent, grid))
@@ -283,6 +286,7 @@ class VortaRun:
         self.last_plan: RoutingPlan | None = None
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
         self.setup_failures = 0  # model calls that ran dense because routing could not be set up
+        self.weights = None  # the sampled ModelPatcher's patches_uuid (which LoRAs / weight patches)
 
     def __copy__(self):
         return self
@@ -449,11 +453,12 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     to[FORWARD_KEY] = info
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
     finally:
         to.pop(FORWARD_KEY, None)
-        if info.profiler is not None:
-            info.profiler.finish()
+    if info.profiler is not None:  # only a call that ran to the end has measured every block
+        info.profiler.finish()
+    return out
 
 
 def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
@@ -465,7 +470,7 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
     percent = _step_percent(run, sigma, step, n_steps)
-    ctx = run.state.step_context(dm, t, x.dtype, x.device, sigma, percent, grid)
+    ctx = run.state.step_context(dm, t, x.dtype, x.device, sigma, percent, grid, run.weights)
     if key not in run.tables:
         run.tables[key] = run.state.provider.table(ctx)
     request = getattr(run.state.provider, "profile_request", None)
@@ -679,14 +684,19 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run_to = guider.model_options.setdefault("transformer_options", {})
     run_to[STATE_KEY] = run
     run_to[OVERRIDE_KEY] = override if _is_ours(override, state) else _bound_override(state)
+    run.weights = getattr(getattr(guider, "model_patcher", None), "patches_uuid", None)
+    finished = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        finished = True
+        return out
     finally:
         guider.model_options = orig
         state.last_run = run
         try:
             log.info(run.summary())
-            run.check_routed()
+            if finished:  # a cancelled or failed run is no evidence of a hook that never fired
+                run.check_routed()
         except Exception:  # a summary must never crash a finished run
             log.debug("VORTA summary failed", exc_info=True)
 

@@ -41,6 +41,7 @@ class StepContext:
     device: torch.device | str = "cpu"
     grid: tuple[int, int, int] | None = None  # the call's latent token grid (a measuring router keys on it)
     cfg: object = None  # the RoutedConfig the table will run with
+    weights: object = None  # identity of the model's weight patches (ModelPatcher.patches_uuid: LoRAs)
 
 
 @runtime_checkable

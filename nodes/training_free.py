@@ -62,21 +62,16 @@ class TrainingFreeProvider:
     def __deepcopy__(self, memo):
         return self
 
-    @property
-    def blocks(self) -> int:
-        return self.spec.blocks if self.spec is not None else 0
-
-    @property
-    def heads(self) -> int:
-        return self.spec.heads if self.spec is not None else 0
+    # no fixed size: it measures whichever model it is applied to (every shape comes from the step's spec)
+    blocks = 0
+    heads = 0
 
     def describe(self) -> str:
         return (f"training-free router: tau {self.tau:g}, warm-up {self.warmup:.0%}, {self.bins} bins, "
                 f"{self.rows} sampled rows")
 
     def check_fits(self, spec: ModelSpec) -> None:
-        """Any supported model fits: the router measures the model it is applied to."""
-        self.spec = spec
+        """Any supported model fits: the router measures the model it is applied to (nothing is kept)."""
 
     def bin_of(self, percent: float | None) -> int | None:
         """The step's bin, or None in the warm-up (dense)."""
@@ -86,17 +81,24 @@ class TrainingFreeProvider:
         # the same tolerance as dense start/end: a discrete schedule's step at 0.4995 is the 50% step
         return min(max(int((percent - self.warmup + PERCENT_EPS) / span), 0), self.bins - 1)
 
-    def _dense(self) -> torch.Tensor:
-        return torch.full((self.blocks, self.heads), FULL, dtype=torch.int8)
+    @staticmethod
+    def _dense(spec: ModelSpec) -> torch.Tensor:
+        return torch.full((spec.blocks, spec.heads), FULL, dtype=torch.int8)
 
     def _measured(self, ctx: StepContext) -> dict:
         return self.errors.setdefault(ctx.diffusion_model, {})
 
+    @staticmethod
+    def _key(ctx: StepContext, b: int):
+        # measured errors hold for these weights (a LoRA clone shares the diffusion model object), this
+        # grid, these branch settings and this span
+        return (ctx.weights, ctx.grid, ctx.cfg, b)
+
     def table(self, ctx: StepContext) -> torch.Tensor:
         b = self.bin_of(ctx.percent)
-        errors = self._measured(ctx).get((ctx.grid, b)) if b is not None else None
+        errors = self._measured(ctx).get(self._key(ctx, b)) if b is not None else None
         if errors is None:
-            return self._dense()  # warm-up, or this call is being profiled
+            return self._dense(ctx.spec)  # warm-up, or this call is being profiled
         table = decide_from_errors(errors, self.tau, branch_costs(ctx.cfg, ctx.grid))
         if self.dense_block0:
             table[0] = FULL
@@ -108,22 +110,22 @@ class TrainingFreeProvider:
     def measured_errors(self, ctx: StepContext) -> torch.Tensor | None:
         """[blocks, heads, N_BRANCHES] errors behind this step's table (the gate view's "why")."""
         b = self.bin_of(ctx.percent)
-        return self._measured(ctx).get((ctx.grid, b)) if b is not None else None
+        return self._measured(ctx).get(self._key(ctx, b)) if b is not None else None
 
     def profile_request(self, ctx: StepContext) -> "Profiler | None":
         """A profiler for this model call when it starts a bin not measured yet, else None."""
         b = self.bin_of(ctx.percent)
-        if b is None or ctx.grid is None or (ctx.grid, b) in self._measured(ctx):
+        if b is None or ctx.grid is None or self._key(ctx, b) in self._measured(ctx):
             return None
-        return Profiler(self, self._measured(ctx), (ctx.grid, b))
+        return Profiler(self, self._measured(ctx), self._key(ctx, b), ctx.spec)
 
 
 class Profiler:
     """Collects one model call's per-block errors; stores them in the provider when it ends."""
 
-    def __init__(self, provider: TrainingFreeProvider, store: dict, key):
+    def __init__(self, provider: TrainingFreeProvider, store: dict, key, spec: ModelSpec):
         self.provider, self.store, self.key = provider, store, key
-        self.errors = torch.full((provider.blocks, provider.heads, N_BRANCHES), float("nan"))
+        self.errors = torch.full((spec.blocks, spec.heads, N_BRANCHES), float("nan"))
 
     def observe(self, block: int, q, k, v, grid, cfg, n_prefix=0, n_suffix=0, kv_mask=None) -> None:
         p = self.provider
@@ -134,8 +136,10 @@ class Profiler:
         p.profiled_calls += 1
 
     def finish(self) -> None:
+        """Called when the model call returned normally. Kept only when every block was measured:
+        a call cut short (or one whose blocks a cache skipped) leaves the span to be measured again."""
         measured = ~torch.isnan(self.errors[..., 1:]).all(-1).all(-1)
-        if bool(measured.any()):  # unmeasured blocks stay NaN: they run full
+        if bool(measured.all()):
             self.store[self.key] = self.errors
-            log.info("VORTA: training-free router measured %d of %d blocks for denoising span %d of %d (grid %s)",
-                     int(measured.sum()), len(measured), self.key[1] + 1, self.provider.bins, self.key[0])
+            log.info("VORTA: training-free router measured %d blocks for denoising span %d of %d (grid %s)",
+                     len(measured), self.key[3] + 1, self.provider.bins, self.key[1])

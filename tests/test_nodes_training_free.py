@@ -23,13 +23,17 @@ def dense_backend(q, k, v, heads, mask=None, skip_reshape=False, skip_output_res
     return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1])
 
 
-def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0)):
+OPTIONS = P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2))
+
+
+def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTIONS, weights=None, fail_at=None):
     """One sampling run of a 2-block fake Wan on the planted heads (latent 4x16x16 -> grid 4x8x8);
-    returns the run and the outputs per (step, block)."""
-    dm = WanModel(heads=H)
-    _, state = P.apply_vorta(FakePatcher(dm), provider,
-                             P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2)))
+    returns the run and the outputs per (step, block). fail_at: (sigma, block) where the model
+    call raises (a cancel mid-step)."""
+    dm = dm if dm is not None else WanModel(heads=H)
+    _, state = P.apply_vorta(FakePatcher(dm), provider, options)
     run = state.new_run(percent_of=lambda s: 1.0 - s)  # a flow schedule: percent = 1 - sigma
+    run.weights = weights
     q, k, v = planted_heads()
     flat = [x.transpose(1, 2).reshape(1, -1, H * D) for x in (q, k, v)]
     outs = {}
@@ -38,7 +42,9 @@ def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0)):
         class_obj = dm
 
         def __call__(self, x, timestep, context, clip_fea, tdc, to):
-            for block in range(2):
+            for block in range(len(dm.blocks)):
+                if fail_at == (to["sigmas"].item(), block):
+                    raise RuntimeError("cancelled")
                 to[P.BLOCK_KEY] = block
                 outs[(to["sigmas"].item(), block)] = P.vorta_attention_override(
                     state, dense_backend, *flat, heads=H, transformer_options=to)
@@ -120,3 +126,34 @@ def test_measurements_belong_to_their_model():
     assert prov.profiled_calls == 2 * 4
     gc.collect()
     assert len(prov.errors) == 0  # both fake models are gone, and their entries with them
+
+
+def test_a_measuring_call_cut_short_is_measured_again():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64)
+    dm = WanModel(heads=H)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        sample(prov, dm=dm, fail_at=(1.0, 1))  # block 0 measured, then the step was cancelled
+    assert prov.profiled_calls == 1 and not any(prov.errors.get(dm, {}))  # nothing kept
+    _, run, _ = sample(prov, dm=dm)
+    assert prov.profiled_calls == 1 + 2 and run.steps[1].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
+
+
+def test_other_branch_settings_or_weights_are_measured_afresh():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64)
+    dm = WanModel(heads=H)
+    sample(prov, dm=dm, weights="base")
+    assert prov.profiled_calls == 2
+    sample(prov, dm=dm, weights="base")
+    assert prov.profiled_calls == 2  # same weights, grid, settings: nothing measured
+    sample(prov, dm=dm, weights="with a LoRA")
+    assert prov.profiled_calls == 4
+    sample(prov, dm=dm, weights="base", options=P.VortaOptions(tile="1,2,2", window=(1, 3, 3), bucket=(2, 2, 2)))
+    assert prov.profiled_calls == 6
+
+
+def test_one_router_node_feeds_models_of_two_sizes():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64)
+    _, run_a, _ = sample(prov, dm=WanModel(heads=H, blocks=2))
+    _, run_b, _ = sample(prov, dm=WanModel(heads=H, blocks=3))
+    assert tuple(run_a.steps[1].table.shape) == (2, H) and tuple(run_b.steps[1].table.shape) == (3, H)
+    assert run_b.steps[1].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
