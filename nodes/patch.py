@@ -287,6 +287,7 @@ class VortaRun:
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
         self.setup_failures = 0  # model calls that ran dense because routing could not be set up
         self.weights = None  # the sampled ModelPatcher's patches_uuid (which LoRAs / weight patches)
+        self.measured_calls = 0  # model calls a measuring router measured (they run dense)
 
     def __copy__(self):
         return self
@@ -337,6 +338,11 @@ class VortaRun:
         planned = self.setup_failures > 0 or any(bool((r.table != FULL).any()) for r in self.steps.values())
         calls = self.head_calls()
         routed = sum(calls[b.name] for b in BRANCHES if b.id != FULL)
+        if self.measured_calls and routed == 0 and not planned:
+            log.warning("VORTA: the training-free router measured %d steps and routed none: every step after the warm-up "
+                        "started a span (fewer steps than spans?) or no head passed tau; use fewer spans, a higher tau, "
+                        "or run again (measured spans are kept)", self.measured_calls)
+            return
         if planned and routed == 0:
             if sum(calls.values()) == 0:
                 why = ("no self-attention call of the model's transformer blocks reached VORTA's attention override "
@@ -475,6 +481,8 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
         run.tables[key] = run.state.provider.table(ctx)
     request = getattr(run.state.provider, "profile_request", None)
     profiler = request(ctx) if request is not None else None
+    if profiler is not None:
+        run.measured_calls += 1
     table = run.state.apply_overrides(run.tables[key], percent)
     plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
     rec_key = step if step is not None else key

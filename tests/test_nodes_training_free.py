@@ -157,3 +157,14 @@ def test_one_router_node_feeds_models_of_two_sizes():
     _, run_b, _ = sample(prov, dm=WanModel(heads=H, blocks=3))
     assert tuple(run_a.steps[1].table.shape) == (2, H) and tuple(run_b.steps[1].table.shape) == (3, H)
     assert run_b.steps[1].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
+
+
+def test_a_run_that_only_measured_says_so(caplog):
+    """Fewer steps than spans: every step is a span start, measured and dense: one warning."""
+    import logging
+
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=4, rows=64)
+    with caplog.at_level(logging.WARNING, logger="vorta"):
+        _, run, _ = sample(prov, sigmas=(1.0, 0.5, 0.0))
+        run.check_routed()
+    assert sum("measured 2 steps and routed none" in r.message for r in caplog.records) == 1
