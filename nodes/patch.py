@@ -227,6 +227,7 @@ class VortaState:
         self.prev_override = prev_override
         self.last_run: VortaRun | None = None
         self._configs: dict = {}  # grid -> RoutedConfig
+        self.warned_no_run = False
 
     # Immutable during sampling and shared on purpose: model_options copies keep this object.
     def __copy__(self):
@@ -453,6 +454,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     to = _options_of(args, kwargs)
     run = to.get(STATE_KEY) if to is not None else None
     if not isinstance(run, VortaRun):
+        if isinstance(run, VortaState) and not run.warned_no_run:  # sampled without ComfyUI's sampler entry point
+            run.warned_no_run = True
+            log.warning("VORTA: this model was called outside a ComfyUI sampling run (no OUTER_SAMPLE), so it runs "
+                        "dense; sample it with a KSampler / SamplerCustom node to route")
         return executor(*args, **kwargs)
     info = _setup_call(run, executor.class_obj, to, args, kwargs)
     if info is None:

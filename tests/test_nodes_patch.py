@@ -314,3 +314,20 @@ def test_routing_setup_failure_runs_dense_and_says_so(caplog):
             P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 2, 4, 4), torch.tensor([1000.0]), None, None, None, to)
     assert seen == [False, False]  # the model ran, unrouted
     assert sum("could not set up routing" in r.message for r in caplog.records) == 1
+
+
+def test_a_model_called_outside_a_sampling_run_says_it_runs_dense(caplog):
+    dm = WanModel()
+    _, state = P.apply_vorta(FakePatcher(dm), router_for([[1, 2], [2, 1]]), P.VortaOptions())
+
+    class Exec:
+        class_obj = dm
+
+        def __call__(self, *a, **k):
+            return "ran"
+
+    to = {P.STATE_KEY: state, "sigmas": torch.tensor([1.0])}
+    with caplog.at_level(logging.WARNING, logger="vorta"):
+        for _ in range(3):
+            assert P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 2, 4, 4), torch.tensor([1000.0]), None, None, None, to) == "ran"
+    assert sum("outside a ComfyUI sampling run" in r.message for r in caplog.records) == 1
