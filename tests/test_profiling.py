@@ -6,13 +6,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vorta_ops import profiling
 from vorta_ops.branches import CORESET, FULL, N_BRANCHES, SLIDING
 from vorta_ops.coreset import CoresetConfig, coreset_attention
 from vorta_ops.demo import synthetic_video_qkv
 from vorta_ops.dispatch import RoutedConfig, routed_attention
 from vorta_ops.full import full_attention
-from vorta_ops.profiling import HeadProfile, branch_costs, decide_from_errors, profile_heads, sample_rows
-from vorta_ops.sliding_tile import SlidingTileConfig, sliding_tile_reference
+from vorta_ops.profiling import (
+    HeadProfile, _tile_ok, branch_costs, chunk_heads, decide_from_errors, profile_heads, sample_rows,
+)
+from vorta_ops.sliding_tile import SlidingTileConfig, sliding_tile_mask, sliding_tile_reference
 
 GRID = (4, 8, 8)
 L = 4 * 8 * 8
@@ -130,6 +133,68 @@ def test_profile_equals_the_branches_own_outputs_on_the_rows(case):
     torch.testing.assert_close(e[:, CORESET].double(), _errors_from_outputs(core, dense, rows), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(e[:, SLIDING].double(), _errors_from_outputs(tile, dense, rows), atol=2e-5, rtol=1e-4)
     assert float(e[:, 1:].min()) > 1e-4 and float(e[:, 1:].max()) > 0.1  # the branches do differ from dense
+
+
+@pytest.mark.parametrize("key_block", [None, 24])
+@pytest.mark.parametrize("case", list(CASES))
+def test_heads_in_chunks_give_what_one_head_at_a_time_gives(case, key_block, monkeypatch):
+    """5 heads in chunks of 1, 2 (a short last chunk) and 5 == each head profiled on its own;
+    key_block 24: the products by v blocked by keys (with a remainder), as at video sizes."""
+    if key_block:
+        monkeypatch.setattr(profiling, "PV_KEY_BLOCK", key_block)
+    c = CASES[case]
+    cfg, npre, nsuf = c["cfg"], c["n_prefix"], c["n_suffix"]
+    H = 5
+    q, k, v = synthetic_video_qkv(GRID, heads=H, head_dim=D, batch=2, seed=5, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    extra = lambda n: torch.randn(2, H, n, D, generator=g).bfloat16()  # noqa: E731
+    q, k, v = (torch.cat((extra(npre), x, extra(nsuf)), 2) for x in (q, k, v))
+    kv_mask = None
+    if c["mask"]:
+        kv_mask = torch.ones(2, q.shape[2], dtype=torch.bool)
+        kv_mask[0, :2] = False
+    rows = sample_rows(GRID, 40, n_prefix=npre, seed=4)
+    one_by_one = torch.cat([
+        profile_heads(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], GRID, cfg, rows, npre, nsuf, kv_mask)
+        for h in range(H)
+    ])
+    assert float(one_by_one[:, 1:].min()) > 1e-4  # non-trivial errors to compare
+    for chunk in (1, 2, H, None):
+        e = profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, heads_per_chunk=chunk)
+        torch.testing.assert_close(e, one_by_one, rtol=1e-6, atol=0, msg=f"heads_per_chunk={chunk}")
+    with pytest.raises(ValueError, match="heads_per_chunk"):
+        profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, heads_per_chunk=0)
+
+
+def test_weighted_sum_blocked_by_keys_is_the_product(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    p, v = torch.rand(2, 3, 5, 100, generator=g), torch.randn(2, 3, 100, 8, generator=g)
+    for block, n in ((10, 100), (30, 100), (30, 90), (60, 100)):  # 10 blocks; 3 + remainder; 3 whole; 1 (no split)
+        monkeypatch.setattr(profiling, "PV_KEY_BLOCK", block)
+        pn, vn = p[..., :n], v[..., :n, :]
+        torch.testing.assert_close(profiling._weighted_sum(pn, vn), (pn.double() @ vn.double()).float())
+
+
+def test_chunk_heads_fits_the_budget():
+    per_head = 4 * 2 * 72_000 * (3 * 256 + 2 * 128)  # B 2, Wan-14B 720p, r 256, D 128
+    assert chunk_heads(2, 72_000, 128, 256, budget=4 * per_head) == 4
+    assert chunk_heads(2, 72_000, 128, 256, budget=4 * per_head - 1) == 3
+    assert chunk_heads(2, 72_000, 128, 256, budget=1) == 1  # never below one head
+    assert chunk_heads(2, 32_760, 128, 64) > chunk_heads(2, 32_760, 128, 256) > chunk_heads(2, 72_000, 128, 256)
+
+
+@pytest.mark.parametrize("grid,tile,window,n_prefix,n_suffix", [
+    ((4, 8, 8), (1, 2, 2), (3, 3, 3), 0, 0),
+    ((4, 8, 8), (2, 2, 4), (3, 3, 3), 3, 5),  # extras on both sides
+    ((5, 7, 3), (2, 3, 2), (5, 3, 3), 2, 1),  # ragged tiles; fewer tiles than the window on t and w
+    ((2, 4, 4), (1, 1, 1), (1, 3, 5), 0, 4),
+])
+def test_row_tile_mask_is_sliding_tile_mask(grid, tile, window, n_prefix, n_suffix):
+    cfg = SlidingTileConfig(tile, window)
+    L = n_prefix + grid[0] * grid[1] * grid[2] + n_suffix
+    every_row = torch.arange(L)  # grid rows and extra rows
+    assert torch.equal(_tile_ok(grid, cfg, n_prefix, n_suffix, every_row),
+                       sliding_tile_mask(grid, cfg, n_prefix, n_suffix, None, every_row))
 
 
 def test_profile_takes_the_worst_sample_of_the_batch():

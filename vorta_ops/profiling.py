@@ -15,11 +15,16 @@ rows: 1-D int64 positions in [0, L), grid tokens only (prefix/suffix extras are 
 
 Cost per head: one r x L score matrix (shared by exact and sliding tile), one r x Lc matrix for
 the core-set (Lc ~ keep_ratio * L kept keys), and the core-set selection (one cosine similarity
-per bucket member: O(L * D)). That is O(r * L * D), never L x L; memory B x r x L floats per head
-(heads run one at a time). Measured on an H200 (bf16, r = 256, one call = one block): Wan-1.3B
-480p (L 32,760, 12 heads) 17 ms against 10 ms for dense SDPA; Wan-14B 720p (L 75,600, 40 heads)
-74 ms against 204 ms. The per-head loop is launch-bound at these sizes (r = 64 costs 13 / 54 ms):
-running groups of heads at once would cut it; profiling runs on a few steps of a run only.
+per bucket member: O(L * D)). That is O(r * L * D), never L x L. Heads run in chunks of several
+at once (``chunk_heads``: as many as fit PROFILE_CHUNK_BYTES of fp32 working set), and each
+product by v is blocked by keys (``_weighted_sum``): left whole, [r, L] @ [L, D] ran on a few SMs
+for ~2-3 ms at L 72,000 whatever the number of heads, which is what made one head at a time slow.
+H200, bf16, batch 2 (cond + uncond), one call = one block (bench/results/profiling-nvidia-h200.md):
+Wan-1.3B 480p (L 32,760, 12 heads) r = 256 14 ms (one head at a time before: 48 ms), r = 64
+7 ms (42), against 21 ms for dense SDPA and 8 ms for a routed layer; Wan-14B 720p (L 72,000,
+40 heads) r = 256 103 ms (328), r = 64 47 ms (305), against 362 ms dense and 83 ms routed.
+Profiling 4 steps of 50 then costs 4-14% of the run's routed attention time. A call makes one
+host sync (the errors coming back to the CPU), none per head or chunk.
 """
 from __future__ import annotations
 
@@ -32,11 +37,19 @@ from .branches import BRANCH_NAMES, CORESET, FULL, N_BRANCHES, SLIDING
 from .coreset import CoresetConfig, bucket_index, coreset_select
 from .dispatch import RoutedConfig
 from .layout import check_grid
-from .sliding_tile import SlidingTileConfig, sliding_tile_mask
+from .sliding_tile import SlidingTileConfig
 
-__all__ = ["sample_rows", "profile_heads", "decide_from_errors", "branch_costs", "HeadProfile"]
+__all__ = ["sample_rows", "profile_heads", "chunk_heads", "decide_from_errors", "branch_costs", "HeadProfile"]
 
 PROFILE_FORMAT = 1  # HeadProfile.to_dict()'s "format"; bump when the fields change
+# fp32 working set of one chunk of heads in profile_heads (see chunk_heads): 2 GiB, about 1.5 GiB
+# of [B, h, r, L] score-sized matrices at r = 256, D = 128 (the rest: fp32 k, v of the chunk).
+PROFILE_CHUNK_BYTES = 2 << 30
+# Keys per partial product in _weighted_sum. probs [r, L] @ v [L, D] has one or two 128 x 128
+# output tiles per (batch, head) and a reduction over all L keys: left whole, the GEMM runs on a
+# handful of SMs (H200, fp32, L 72,000: ~2-3 ms each, whatever the number of heads); cut into
+# blocks of this many keys it runs on L / PV_KEY_BLOCK times more.
+PV_KEY_BLOCK = 2048
 
 
 # ---- which rows ------------------------------------------------------------------------------
@@ -99,6 +112,10 @@ def sample_rows(grid, r: int, n_prefix: int = 0, seed: int = 0) -> torch.Tensor:
 
 
 def _validate(q, k, v, grid, rows, n_prefix, n_suffix, kv_mask):
+    """Checks the inputs; returns (rows on q's device, bounds). Rows on the CPU are range-checked
+    here (bounds None); rows already on a device are checked with the result (bounds: int64 [2]
+    min and max, left on the device so the check costs no sync of its own), clamped meanwhile so
+    an out-of-range row never indexes out of bounds on the device."""
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"profile_heads wants q, k, v of one shape [B, H, L, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -114,35 +131,84 @@ def _validate(q, k, v, grid, rows, n_prefix, n_suffix, kv_mask):
     rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
     if rows.numel() == 0:
         raise ValueError("rows is empty; pass sample_rows(grid, r, n_prefix)")
-    if int(rows.min()) < 0 or int(rows.max()) >= L:
-        raise ValueError(f"rows must lie in [0, {L}), got {int(rows.min())} .. {int(rows.max())}")
     if kv_mask is not None and (kv_mask.dtype != torch.bool or tuple(kv_mask.shape) != (q.shape[0], L)):
         raise ValueError(f"kv_mask must be bool [B, L] = [{q.shape[0]}, {L}], got {kv_mask.dtype} {tuple(kv_mask.shape)}")
-    return rows.to(q.device)
+    bounds = None
+    if rows.device.type == "cpu":
+        _check_row_bounds(int(rows.min()), int(rows.max()), L)
+    else:
+        bounds = torch.stack((rows.min(), rows.max()))
+        rows = rows.clamp(0, L - 1)
+    return rows.to(q.device, non_blocking=True), bounds  # a pageable CPU source is staged: no sync
+
+
+def _check_row_bounds(lo: int, hi: int, L: int) -> None:
+    if lo < 0 or hi >= L:
+        raise ValueError(f"rows must lie in [0, {L}), got {lo} .. {hi}")
+
+
+def chunk_heads(B: int, L: int, D: int, r: int, budget: int = PROFILE_CHUNK_BYTES) -> int:
+    """Heads profile_heads runs at once: the most whose fp32 working set fits ``budget`` bytes,
+    at least 1. Per head: three [B, r, L] score-sized matrices (the scores, their softmax, and its
+    copy blocked by keys in _weighted_sum) and the fp32 copies of k and v [B, L, D]:
+    4 * B * L * (3r + 2D) bytes. E.g. B = 2, D = 128, r = 256: Wan-1.3B 480p (L 32,760) 8 heads,
+    Wan-14B 720p (L 72,000) 3 heads."""
+    return max(1, int(budget) // (4 * B * L * (3 * r + 2 * D)))
+
+
+def _weighted_sum(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p [B, h, r, n] @ v [B, h, n, D] -> [B, h, r, D], the n keys cut into blocks of
+    PV_KEY_BLOCK (a partial product per block, summed; the remainder added last) so the GEMM
+    spreads over the device (see PV_KEY_BLOCK). The blocking depends on n only, never on h, so
+    it never makes a head's result depend on the heads beside it."""
+    n = p.shape[-1]
+    nb = n // PV_KEY_BLOCK
+    if nb < 2:
+        return p @ v
+    m = nb * PV_KEY_BLOCK
+    blocks = p[..., :m].unflatten(-1, (nb, PV_KEY_BLOCK)).transpose(-3, -2)  # [B, h, nb, r, block]
+    out = (blocks @ v[..., :m, :].unflatten(-2, (nb, PV_KEY_BLOCK))).sum(-3)  # [B, h, r, D]
+    return out if m == n else out + p[..., m:] @ v[..., m:, :]
+
+
+def _tile_ok(grid, cfg: SlidingTileConfig, n_prefix: int, n_suffix: int, rows: torch.Tensor) -> torch.Tensor:
+    """bool [r, L]: ``sliding_tile_mask(grid, cfg, n_prefix, n_suffix, rows.device, rows)``, built
+    axis by axis from Python ints: no small host-to-device copies (each a stream sync) and no
+    [r, L, 3] int64 difference (464 MB at r = 256 on Wan-14B 720p), only [r, L] bools."""
+    T, Hg, Wg = grid
+    n_grid = T * Hg * Wg
+    dev = rows.device
+    L = n_prefix + n_grid + n_suffix
+    keys = torch.arange(L, device=dev) - n_prefix  # grid index of every key; extras fall outside [0, n_grid)
+    key_extra = (keys < 0) | (keys >= n_grid)
+    q_pos = rows - n_prefix
+    row_extra = (q_pos < 0) | (q_pos >= n_grid)
+    keys, q_pos = keys.clamp(0, n_grid - 1), q_pos.clamp(0, n_grid - 1)  # extras: any coordinate, masked below
+    ok = torch.ones(rows.numel(), L, dtype=torch.bool, device=dev)
+    for stride, size, tile, win in zip((Hg * Wg, Wg, 1), grid, cfg.tile, cfg.window):
+        n, rad = -(-size // tile), win // 2  # tiles on this axis, window radius in tiles
+        key_t = keys // stride % size // tile  # [L]
+        # window centre clamped into [rad, n-1-rad]; when n < win the centre is rad (as sliding_tile_mask)
+        centre = (q_pos // stride % size // tile).clamp(max=n - 1 - rad).clamp(min=rad)  # [r]
+        ok &= (key_t[None, :] >= (centre - rad)[:, None]) & (key_t[None, :] <= (centre + rad)[:, None])
+    return ok | row_extra[:, None] | key_extra[None, :]
 
 
 def _rel_err(o: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """[B, r, D] -> worst over the batch of ||o - ref||_F / ||ref||_F (fp32)."""
-    num = (o - ref).flatten(1).norm(dim=1)
-    den = ref.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (num / den).max()
-
-
-def _attend(scores: torch.Tensor, v: torch.Tensor, allowed=None) -> torch.Tensor:
-    """softmax over the last axis of fp32 scores [B, r, n] (entries where ``allowed`` is False
-    left out) @ v [B, n, D]."""
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(-1) @ v
+    """[B, h, r, D] -> [h]: worst over the batch of ||o - ref||_F / ||ref||_F (fp32), per head."""
+    num = (o - ref).flatten(2).norm(dim=-1)
+    den = ref.flatten(2).norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den).amax(0)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], idx [B, n] -> [B, n, D]."""
-    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+    """x [B, h, L, D], idx [B, h, n] -> [B, h, n, D]."""
+    return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 def profile_heads(
-    q, k, v, grid, cfg: RoutedConfig, rows, n_prefix: int = 0, n_suffix: int = 0, kv_mask=None, *, scale=None
+    q, k, v, grid, cfg: RoutedConfig, rows, n_prefix: int = 0, n_suffix: int = 0, kv_mask=None, *, scale=None,
+    heads_per_chunk: int | None = None,
 ) -> torch.Tensor:
     """Relative L2 error of every branch on the sampled query rows, per head.
 
@@ -158,39 +224,56 @@ def profile_heads(
     would let one bad sample hide behind a good one.
 
     kv_mask: optional bool [B, L] (True = key may be attended), applied in every branch as the
-    branches apply it. scale: softmax scale, default D**-0.5.
+    branches apply it. scale: softmax scale, default D**-0.5. heads_per_chunk: heads computed at
+    once (every step above, selection included, runs on [B, h, ...] tensors); default
+    ``chunk_heads(B, L, D, r)``. Each head's error does not depend on the chunking: the same
+    per-head arithmetic, bit for bit on the CPU (tested against one head at a time); on CUDA the
+    GEMM kernels change with the batch, so fp32 sums round otherwise (H200: <= 7e-5 absolute on
+    errors of order 0.1, bench/results/profiling-*.md).
 
     Returns float32 [H, N_BRANCHES] on the CPU, columns in branch order (full, core-set, tile).
     """
-    rows = _validate(q, k, v, grid, rows, n_prefix, n_suffix, kv_mask)
+    rows, bounds = _validate(q, k, v, grid, rows, n_prefix, n_suffix, kv_mask)
     grid = check_grid(grid)
     B, H, L, D = q.shape
+    r = rows.numel()
+    if heads_per_chunk is None:
+        heads_per_chunk = chunk_heads(B, L, D, r)
+    elif isinstance(heads_per_chunk, bool) or not isinstance(heads_per_chunk, int) or heads_per_chunk < 1:
+        raise ValueError(f"heads_per_chunk must be a whole number >= 1 (or None for chunk_heads), got {heads_per_chunk!r}")
     s = float(scale) if scale is not None else D ** -0.5
     dev = q.device
-    tile_ok = sliding_tile_mask(grid, cfg.sliding, n_prefix, n_suffix, dev, rows)[None]  # [1, r, L]
-    key_ok = None if kv_mask is None else kv_mask[:, None, :]  # [B, 1, L]
-    if key_ok is not None:
-        tile_ok = tile_ok & key_ok
+    tile_out = ~_tile_ok(grid, cfg.sliding, n_prefix, n_suffix, rows)  # [r, L]: keys the tile leaves out
+    key_out = None if kv_mask is None else ~kv_mask[:, None, None, :]  # [B, 1, 1, L]
     cs: CoresetConfig = cfg.coreset
     bi = bucket_index(grid, cs.bucket, n_prefix, n_suffix, dev)
     errors = torch.zeros(H, N_BRANCHES, dtype=torch.float32, device=dev)  # on q's device: one sync, at the end
-    for h in range(H):
-        qh, kh, vh = (x[:, h].float() for x in (q, k, v))  # [B, L, D]
-        # exact and sliding tile share one [B, r, L] score matrix
-        scores = (qh[:, rows] @ kh.transpose(1, 2)) * s
-        exact = _attend(scores, vh, key_ok)
-        errors[h, SLIDING] = _rel_err(_attend(scores, vh, tile_ok), exact)
+    for h0 in range(0, H, heads_per_chunk):
+        hs = slice(h0, min(h0 + heads_per_chunk, H))
+        kf, vf = k[:, hs].float(), v[:, hs].float()  # [B, h, L, D]
+        # exact and sliding tile share one [B, h, r, L] score matrix, masked in place (key mask,
+        # then the tile): two score-sized matrices live at most
+        scores = (q[:, hs, rows].float() @ kf.transpose(-1, -2)).mul_(s)
+        if key_out is not None:
+            scores.masked_fill_(key_out, float("-inf"))
+        exact = _weighted_sum(scores.softmax(-1), vf)  # [B, h, r, D]
+        errors[hs, SLIDING] = _rel_err(_weighted_sum(scores.masked_fill_(tile_out, float("-inf")).softmax(-1), vf), exact)
         del scores
-        # core-set: the selection of this head, then only the sampled rows
-        q_gather, q_back = coreset_select(q[:, h : h + 1], bi, cs.n_keep)  # [B, 1, Lc], [B, 1, L]
-        k_gather = q_gather if cs.similarity == "q" else coreset_select(k[:, h : h + 1], bi, cs.n_keep)[0]
-        q_gather, q_back, k_gather = q_gather[:, 0], q_back[:, 0], k_gather[:, 0]
-        reads = q_gather.gather(1, q_back[:, rows])  # [B, r]: the kept query whose output each row gets
-        c_scores = (_take(qh, reads) @ _take(kh, k_gather).transpose(1, 2)) * s  # [B, r, Lc]
-        c_ok = None if kv_mask is None else kv_mask.gather(1, k_gather)[:, None, :]
-        errors[h, CORESET] = _rel_err(_attend(c_scores, _take(vh, k_gather), c_ok), exact)
-    errors[:, FULL] = 0.0
-    return errors.cpu()
+        # core-set: the selection of these heads, then only the sampled rows
+        q_gather, q_back = coreset_select(q[:, hs], bi, cs.n_keep)  # [B, h, Lc], [B, h, L]
+        k_gather = q_gather if cs.similarity == "q" else coreset_select(k[:, hs], bi, cs.n_keep)[0]
+        reads = q_gather.gather(-1, q_back[:, :, rows])  # [B, h, r]: the kept query whose output each row gets
+        c_scores = (_take(q[:, hs], reads).float() @ _take(kf, k_gather).transpose(-1, -2)).mul_(s)  # [B, h, r, Lc]
+        if kv_mask is not None:
+            c_keep = kv_mask[:, None, :].expand(-1, k_gather.shape[1], -1).gather(-1, k_gather)  # [B, h, Lc]
+            c_scores.masked_fill_(~c_keep[:, :, None, :], float("-inf"))
+        errors[hs, CORESET] = _rel_err(_weighted_sum(c_scores.softmax(-1), _take(vf, k_gather)), exact)
+        del c_scores, kf, vf
+    if bounds is None:
+        return errors.cpu()
+    back = torch.cat((errors.double().flatten(), bounds.double())).cpu()  # the call's one sync
+    _check_row_bounds(int(back[-2]), int(back[-1]), L)
+    return back[:-2].float().view(H, N_BRANCHES)  # float32 -> float64 -> float32 is exact
 
 
 # ---- the decision ----------------------------------------------------------------------------
