@@ -288,7 +288,15 @@ class VortaRun:
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
         self.setup_failures = 0  # model calls that ran dense because routing could not be set up
         self.weights = None  # the sampled ModelPatcher's patches_uuid (which LoRAs / weight patches)
-        self.measured_calls = 0  # model calls a measuring router measured (they run dense)
+        self.measured_calls = 0  # steps a measuring router measured (they run dense)
+        # (timestep key, Profiler) of the step being measured: every model call of that step (cond and
+        # uncond may come as separate calls) adds to it; it is kept when the next step starts or the run ends
+        self.open_profile = None
+
+    def close_profile(self) -> None:
+        if self.open_profile is not None:
+            self.open_profile[1].finish()
+            self.open_profile = None
 
     def __copy__(self):
         return self
@@ -464,12 +472,9 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     to[FORWARD_KEY] = info
     try:
-        out = executor(*args, **kwargs)
+        return executor(*args, **kwargs)
     finally:
         to.pop(FORWARD_KEY, None)
-    if info.profiler is not None:  # only a call that ran to the end has measured every block
-        info.profiler.finish()
-    return out
 
 
 def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
@@ -482,12 +487,19 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     key = round(t, 4)
     percent = _step_percent(run, sigma, step, n_steps)
     ctx = run.state.step_context(dm, t, x.dtype, x.device, sigma, percent, grid, run.weights)
+    if run.open_profile is not None and run.open_profile[0] != key:
+        run.close_profile()  # the measured step is over: its errors decide the steps from here on
     if key not in run.tables:
         run.tables[key] = run.state.provider.table(ctx)
-    request = getattr(run.state.provider, "profile_request", None)
-    profiler = request(ctx) if request is not None else None
-    if profiler is not None:
-        run.measured_calls += 1
+    profiler = None
+    if run.open_profile is not None:  # another model call of the step being measured (e.g. uncond)
+        profiler = run.open_profile[1]
+    else:
+        request = getattr(run.state.provider, "profile_request", None)
+        profiler = request(ctx) if request is not None else None
+        if profiler is not None:
+            run.open_profile = (key, profiler)
+            run.measured_calls += 1
     table = run.state.apply_overrides(run.tables[key], percent)
     plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
     rec_key = step if step is not None else key
@@ -702,6 +714,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     try:
         out = executor(*args, **kwargs)
         finished = True
+        run.close_profile()  # a run that ran to the end has measured every block of its last measured step
         return out
     finally:
         guider.model_options = orig

@@ -131,13 +131,15 @@ class Profiler:
         p = self.provider
         rows = sample_rows(grid, p.rows, n_prefix, p.seed)
         e = profile_heads(q, k, v, grid, cfg, rows.to(q.device), n_prefix, n_suffix, kv_mask)
-        self.errors[block] = e.float().cpu()
+        # several model calls of one step (cond, uncond): the worst error of each head over them
+        self.errors[block] = torch.fmax(self.errors[block], e.float().cpu())
         self.errors[block, :, FULL] = 0.0
         p.profiled_calls += 1
 
     def finish(self) -> None:
-        """Called when the model call returned normally. Kept only when every block was measured:
-        a call cut short (or one whose blocks a cache skipped) leaves the span to be measured again."""
+        """Called when the measured step is over (the next step starts, or the run ended normally).
+        Kept only when every block was measured: a step cut short (or one whose blocks a cache
+        skipped) leaves the span to be measured again."""
         measured = ~torch.isnan(self.errors[..., 1:]).all(-1).all(-1)
         if bool(measured.all()):
             self.store[self.key] = self.errors

@@ -26,10 +26,12 @@ def dense_backend(q, k, v, heads, mask=None, skip_reshape=False, skip_output_res
 OPTIONS = P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2))
 
 
-def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTIONS, weights=None, fail_at=None):
+def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTIONS, weights=None, fail_at=None,
+           uncond=None):
     """One sampling run of a 2-block fake Wan on the planted heads (latent 4x16x16 -> grid 4x8x8);
     returns the run and the outputs per (step, block). fail_at: (sigma, block) where the model
-    call raises (a cancel mid-step)."""
+    call raises (a cancel mid-step). uncond: q, k, v of a second model call per step (cond and
+    uncond sent as separate calls)."""
     dm = dm if dm is not None else WanModel(heads=H)
     _, state = P.apply_vorta(FakePatcher(dm), provider, options)
     run = state.new_run(percent_of=lambda s: 1.0 - s)  # a flow schedule: percent = 1 - sigma
@@ -41,7 +43,11 @@ def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTION
     class Exec:
         class_obj = dm
 
+        def __init__(self, qkv=None):
+            self.qkv = qkv if qkv is not None else flat
+
         def __call__(self, x, timestep, context, clip_fea, tdc, to):
+            flat = self.qkv
             for block in range(len(dm.blocks)):
                 if fail_at == (to["sigmas"].item(), block):
                     raise RuntimeError("cancelled")
@@ -54,6 +60,10 @@ def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTION
     for s in sigmas[:-1]:
         to = {P.STATE_KEY: run, "sigmas": torch.tensor([s]), "sample_sigmas": ss}
         P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 4, 16, 16), torch.tensor([s * 1000]), None, None, None, to)
+        if uncond is not None:
+            second = [x.transpose(1, 2).reshape(1, -1, H * D) for x in uncond]
+            P.diffusion_model_wrapper(Exec(second), torch.zeros(1, 16, 4, 16, 16), torch.tensor([s * 1000]), None, None, None, to)
+    run.close_profile()  # as the OUTER_SAMPLE wrapper does when the run ends normally
     return state, run, outs
 
 
@@ -96,6 +106,7 @@ def test_rerun_of_the_same_model_measures_nothing():
         for s in (1.0, 0.5):
             to = {P.STATE_KEY: run, "sigmas": torch.tensor([s]), "sample_sigmas": ss}
             P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 4, 16, 16), torch.tensor([s * 1000]), None, None, None, to)
+        run.close_profile()
         return run
 
     first = one_run()
@@ -168,3 +179,18 @@ def test_a_run_that_only_measured_says_so(caplog):
         _, run, _ = sample(prov, sigmas=(1.0, 0.5, 0.0))
         run.check_routed()
     assert sum("measured 2 steps and routed none" in r.message for r in caplog.records) == 1
+
+
+def test_cond_and_uncond_in_separate_calls_are_both_measured():
+    """A head must be close on every model call of the measured step: here the second call's head 0
+    is random, so head 0 goes full although the first call's head 0 is local."""
+    q, k, v = planted_heads()
+    g = torch.Generator().manual_seed(5)
+    uq, uk, uv = (x.clone() for x in (q, k, v))
+    for x, s in ((uq, 1.5), (uk, 1.5), (uv, 1.0)):
+        x[:, 0] = torch.randn(x[:, 0].shape, generator=g) * s
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
+    _, run, _ = sample(prov, uncond=(uq, uk, uv))
+    assert prov.profiled_calls == 2 * 2 * 2  # 2 calls x 2 blocks at each of the 2 span starts
+    assert run.measured_calls == 2  # steps
+    assert run.steps[1].table[1].tolist() == [FULL, CORESET, FULL, SLIDING]
