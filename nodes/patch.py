@@ -38,7 +38,7 @@ from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConf
 
 from . import families
 from .models import ModelSpec, call_layout, inspect_model, split_tokens, video_grid
-from .providers import StepContext, as_provider
+from .providers import SharedOnCopy, StepContext, as_provider
 
 log = logging.getLogger("vorta")
 
@@ -217,7 +217,7 @@ class StepRecord:
     fallbacks: int = 0  # routed calls that failed in a kernel and ran dense
 
 
-class VortaState:
+class VortaState(SharedOnCopy):
     """Held by the patched clone in transformer_options[STATE_KEY]; immutable during sampling."""
 
     def __init__(self, router, spec: ModelSpec, options: VortaOptions, prev_override=None):
@@ -228,13 +228,6 @@ class VortaState:
         self.last_run: VortaRun | None = None
         self._configs: dict = {}  # grid -> RoutedConfig
         self.warned_no_run = False
-
-    # Immutable during sampling and shared on purpose: model_options copies keep this object.
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)
@@ -271,7 +264,7 @@ class VortaState:
         return table
 
 
-class VortaRun:
+class VortaRun(SharedOnCopy):
     """Per-sampling-run state: routing tables by timestep, and what was executed."""
 
     def __init__(self, state: VortaState, prev_override=None, percent_of=None):
@@ -297,12 +290,6 @@ class VortaRun:
         if self.open_profile is not None:
             self.open_profile[1].finish()
             self.open_profile = None
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def spec(self) -> ModelSpec:

@@ -23,9 +23,21 @@ from vorta_ops.router import FULL, RouterSet
 
 from .models import ModelSpec, check_router_fits, router_embedding
 
-__all__ = ["StepContext", "RouterProvider", "FileRouterProvider", "as_provider", "OFFICIAL_TAU_SPARSE"]
+__all__ = ["SharedOnCopy", "StepContext", "RouterProvider", "FileRouterProvider", "as_provider", "OFFICIAL_TAU_SPARSE"]
 
 OFFICIAL_TAU_SPARSE = 0.3
+
+
+class SharedOnCopy:
+    """ComfyUI copies a MODEL's model_options at every patch node (0.3.64 with copy.deepcopy). An
+    object VORTA keeps there (the patch state, a run, a router) must stay the one object: the hooks
+    were made for it, and a router's measurements are what it is for. Copies return self."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class RouterProvider(Protocol):
         """[blocks, heads, branches] per-head scores behind the table, or None."""
 
 
-class FileRouterProvider:
+class FileRouterProvider(SharedOnCopy):
     kind = "file"
 
     def __init__(self, router: RouterSet, tau_sparse: float = OFFICIAL_TAU_SPARSE):
@@ -70,13 +82,6 @@ class FileRouterProvider:
             raise ValueError(f"tau_sparse must be a probability in [0, 1], got {tau_sparse}")
         self.router = router.to("cpu", torch.float32)
         self.tau_sparse = float(tau_sparse)
-
-    # shared, not copied, by ComfyUI's model_options copies (the router is read-only)
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def blocks(self) -> int:

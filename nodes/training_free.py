@@ -22,7 +22,7 @@ from vorta_ops.branches import FULL, N_BRANCHES
 from vorta_ops.profiling import branch_costs, decide_from_errors, profile_heads, sample_rows
 
 from .models import ModelSpec
-from .providers import StepContext
+from .providers import SharedOnCopy, StepContext
 
 PERCENT_EPS = 1e-3  # as nodes.patch.PERCENT_EPS (ComfyUI's discrete schedules step by 1/999)
 
@@ -36,7 +36,7 @@ log = logging.getLogger("vorta")
 DEFAULT_TAU = 0.3
 
 
-class TrainingFreeProvider:
+class TrainingFreeProvider(SharedOnCopy):
     kind = "training-free"
 
     def __init__(self, tau: float = DEFAULT_TAU, warmup: float = 0.1, bins: int = 4, rows: int = 256, seed: int = 0,
@@ -54,13 +54,6 @@ class TrainingFreeProvider:
         # new model at a reused address never sees another's measurements): (grid, bin) -> [blocks, heads, N_BRANCHES]
         self.errors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.profiled_calls = 0  # attention calls profiled so far (tests: a rerun adds none)
-
-    # shared by ComfyUI's model_options copies (its measurements are what it is for)
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
 
     # no fixed size: it measures whichever model it is applied to (every shape comes from the step's spec)
     blocks = 0
