@@ -37,6 +37,7 @@ from vorta_ops.plan import RoutingPlan
 from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConfig
 
 from . import families
+from .compiled import STASH_ATTR, traced_attention
 from .models import ModelSpec, call_layout, inspect_model, split_tokens, video_grid
 from .providers import SharedOnCopy, StepContext, as_provider
 
@@ -228,6 +229,7 @@ class VortaState(SharedOnCopy):
         self.last_run: VortaRun | None = None
         self._configs: dict = {}  # grid -> RoutedConfig
         self.warned_no_run = False
+        self.call_options = None  # transformer_options of the model call in progress (compiled.STASH_ATTR)
 
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)
@@ -431,10 +433,13 @@ def _step_percent(run: VortaRun, sigma: float, step, n_steps) -> float | None:
 
 @torch.compiler.disable
 def _setup_call(run: VortaRun, dm, to: dict, args, kwargs):
-    """Grid, step and routing table of one model call (eager under torch.compile: it reads the
-    step from transformer_options, which compiled graphs must not bake in). None on failure."""
+    """Grid, step and routing table of one model call, stored in transformer_options[FORWARD_KEY]
+    (eager under torch.compile: it reads the step from transformer_options, which compiled graphs
+    must not bake in; compiled attention calls find the options through the state). None on failure."""
+    setattr(run.state, STASH_ATTR, to)
     try:
-        return _forward_info(run, dm, to, args, kwargs)
+        info = to[FORWARD_KEY] = _forward_info(run, dm, to, args, kwargs)
+        return info
     except Exception as e:  # a routing set-up failure must not fail the sampling: run dense, say so
         if _is_interrupt(e):
             raise
@@ -454,10 +459,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             log.warning("VORTA: this model was called outside a ComfyUI sampling run (no OUTER_SAMPLE), so it runs "
                         "dense; sample it with a KSampler / SamplerCustom node to route")
         return executor(*args, **kwargs)
-    info = _setup_call(run, executor.class_obj, to, args, kwargs)
-    if info is None:
+    if _setup_call(run, executor.class_obj, to, args, kwargs) is None:
         return executor(*args, **kwargs)
-    to[FORWARD_KEY] = info
     try:
         return executor(*args, **kwargs)
     finally:
@@ -706,6 +709,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         guider.model_options = orig
         state.last_run = run
+        setattr(state, STASH_ATTR, None)
         try:
             log.info(run.summary())
             if finished:  # a cancelled or failed run is no evidence of a hook that never fired
@@ -752,6 +756,10 @@ def apply_vorta(model, router, options: VortaOptions):
 
 def _bound_override(state: VortaState):
     def override(func, *args, **kwargs):
+        if torch.compiler.is_compiling():  # one opaque op per call (compiled.py), not a graph break
+            out = traced_attention(state, func, args, kwargs)
+            if out is not None:
+                return out
         return vorta_attention_override(state, func, *args, **kwargs)
 
     override.vorta_state = state

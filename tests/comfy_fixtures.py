@@ -50,8 +50,8 @@ def server(request, tmp_path_factory):
     tiny models and routers."""
     version, tree = request.param
     base = tmp_path_factory.mktemp(f"comfy-{version}")
-    # graph breaks under TorchCompileModel are counted from the server log
-    srv = h.ComfyServer(base, tree, env={"TORCH_LOGS": "graph_breaks"})
+    # graph breaks and recompiles under TorchCompileModel are counted from the server log
+    srv = h.ComfyServer(base, tree, env={"TORCH_LOGS": "graph_breaks,recompiles"})
     srv.version = version
     srv.prepare()
     models = base / "models/diffusion_models"
