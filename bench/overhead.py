@@ -12,7 +12,8 @@
 Three ways to call the same routed layer: "dispatch" (routed_attention: head groups made on every
 call, as the override did before the plan), "plan" (RoutingPlan.run with groups made once per
 step) and "override" (the whole ComfyUI attention override as a model call reaches it: block
-lookup, token layout, masks, plan.run, record keeping).
+lookup, token layout, masks, plan.run, record keeping). A fourth row replays the plan's kernels
+from a CUDA graph: no host work at all, so its idle share is the floor set by the GPU itself.
 
     python -m bench.overhead            # writes bench/results/overhead-<gpu>.{json,md}
 """
@@ -35,6 +36,7 @@ from vorta_ops.plan import RoutingPlan
 from vorta_ops.router import RouterSet
 from vorta_ops.sliding_tile import WAN_TILE, SlidingTileConfig
 
+PROFILE = False
 SHAPES = {  # name: (grid, heads, blocks, embed dim)
     "wan1.3b-480p": ((21, 30, 52), 12, 30, 1536),
     "wan14b-720p": ((20, 45, 80), 40, 40, 5120),
@@ -143,8 +145,34 @@ def run_shape(name: str, n: int) -> list[dict]:
         t = state.table_for(dm, 500.0, torch.bfloat16, dev)
         RoutingPlan.for_step({}, t, grid, cfg).groups
 
+    if PROFILE:  # where the host time of one override call goes (cProfile, GPU kept busy)
+        import cProfile
+        import pstats
+
+        override()
+        torch.cuda.synchronize()
+        busy_gpu(400.0, dev)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(n):
+            override()
+        pr.disable()
+        torch.cuda.synchronize()
+        print(f"--- {name}: cProfile of {n} override calls (tottime) ---")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+    # the same call's kernels replayed from a CUDA graph: no host work between them, so its idle
+    # share is the GPU's own gap between back-to-back kernels (the floor no host-side work reaches)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            via_plan()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        via_plan()
     rows = []
-    for what, fn in (("dispatch", dispatch), ("plan", via_plan), ("override", override)):
+    for what, fn in (("dispatch", dispatch), ("plan", via_plan), ("override", override), ("cuda graph replay", graph.replay)):
         host = host_us(fn, n, dev)
         idle, wall_ms = idle_pct(fn, n)
         rows.append({"shape": name, "path": what, "grid": list(grid), "heads": H, "batch": 1,
@@ -161,7 +189,7 @@ def run_shape(name: str, n: int) -> list[dict]:
     for _ in range(50):
         RoutingPlan.for_step({}, t, grid, cfg).groups
     plan_us = (time.perf_counter() - t0) / 50 * 1e6
-    step_ms = rows[-1]["ms_per_call"] * blocks  # every block's self-attention, at the override's rate
+    step_ms = next(r for r in rows if r["path"] == "override")["ms_per_call"] * blocks  # every block's self-attention, at the override's rate
     rows.append({"shape": name, "path": "router+plan per step", "grid": list(grid), "heads": H, "batch": 1,
                  "setup_us_per_step": round(setup_us, 1), "plan_build_us": round(plan_us, 1), "share_of_attention_step_pct": round(100 * setup_us / 1e3 / step_ms, 3)})
     return rows
@@ -171,11 +199,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the override's host work per shape")
     a = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = a.profile
     rows = []
     for name in a.shapes.split(","):
         rows += run_shape(name, a.calls)
-        for r in rows[-4:]:
+        for r in rows[-5:]:
             print(r)
     import triton
 
@@ -188,6 +219,14 @@ def main(argv=None):
     for r in rows:
         if "host_us_per_call" in r:
             md.append(f"| {r['shape']} | {r['path']} | {r['host_us_per_call']} | {r['idle_pct']} | {r['ms_per_call']} |")
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["path"]: r for r in rows if r["shape"] == name and "idle_pct" in r}
+        if "cuda graph replay" in by and "override" in by:
+            g, o = by["cuda graph replay"], by["override"]
+            md += ["", f"{name}: the CUDA graph replay issues the same kernels with no host work between them and leaves "
+                       f"the GPU idle {g['idle_pct']}% of the time; through the override it is {o['idle_pct']}%. The idle "
+                       f"share is the GPU's own gap between the call's kernels, not waiting for the host, whose "
+                       f"{o['host_us_per_call']} µs per call stay hidden behind {o['ms_per_call']} ms of kernels."]
     md += ["", "| shape | router + plan per step (µs) | of which plan building (µs) | share of the step's attention time |",
            "|---|---|---|---|"]
     for r in rows:

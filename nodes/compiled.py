@@ -23,33 +23,45 @@ import weakref
 
 import torch
 
-__all__ = ["traced_attention", "COMFY_ATTENTION_OP", "STASH_ATTR"]
+__all__ = ["traced_attention", "register_state", "COMFY_ATTENTION_OP", "STASH_ATTR"]
 
 BLOCK_KEY = "vorta_block"  # = patch.BLOCK_KEY (patch imports this module)
 STASH_ATTR = "call_options"  # VortaState attribute: the transformer_options of the model call in progress
 _CARRIED = frozenset({"transformer_options", "_inside_attn_wrapper", "mask", "attn_precision", "skip_reshape",
                       "skip_output_reshape", "heads"})
 
-_pairs: dict[int, tuple[weakref.ref, object]] = {}
+_states: dict[int, weakref.ref] = {}  # state handle -> the VortaState
+_pairs: dict[int, tuple[int, object]] = {}  # call handle -> (state handle, attention function)
 _ids = itertools.count(1)
 
 
+def register_state(state) -> int:
+    """A handle for a patch state (VortaState keeps it as ``compile_handle``): what a traced graph
+    names the state by (older torch treats only plain values as trace-time constants)."""
+    for key, ref in list(_states.items()):
+        if ref() is None:
+            del _states[key]
+            for call in [c for c, (s, _) in _pairs.items() if s == key]:
+                del _pairs[call]
+    key = next(_ids)
+    _states[key] = weakref.ref(state)
+    return key
+
+
 @torch._dynamo.assume_constant_result
-def _handle(state, func) -> int:
+def _handle(state_handle: int, func) -> int:
     """An integer for (state, func), made at trace time and baked into the graph as a constant."""
-    for key, (ref, f) in list(_pairs.items()):
-        s = ref()
-        if s is None:
-            del _pairs[key]
-        elif s is state and f is func:
+    for key, pair in _pairs.items():
+        if pair[0] == state_handle and pair[1] is func:
             return key
     key = next(_ids)
-    _pairs[key] = (weakref.ref(state), func)
+    _pairs[key] = (state_handle, func)
     return key
 
 
 def _lookup(call: int):
-    ref, func = _pairs.get(call, (None, None))
+    state_handle, func = _pairs.get(call, (None, None))
+    ref = _states.get(state_handle)
     state = ref() if ref is not None else None
     if state is None:
         raise RuntimeError("VORTA: a compiled graph outlived the VORTA patch it was traced for; run the workflow again")
@@ -120,7 +132,7 @@ def traced_attention(state, func, args, kwargs):
     skip_reshape = bool(kwargs.get("skip_reshape", False))
     to = kwargs.get("transformer_options")
     block = to.pop(BLOCK_KEY, None) if isinstance(to, dict) else None
-    out = COMFY_ATTENTION_OP(q, k, v, mask, _handle(state, func), heads, -1 if block is None else int(block),
+    out = COMFY_ATTENTION_OP(q, k, v, mask, _handle(state.compile_handle, func), heads, -1 if block is None else int(block),
                              skip_reshape, precision, bool(kwargs.get("_inside_attn_wrapper", False)))
     if kwargs.get("skip_output_reshape", False):
         B, L, Dv = _dims(q, v, heads, skip_reshape)

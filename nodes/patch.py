@@ -37,7 +37,7 @@ from vorta_ops.plan import RoutingPlan
 from vorta_ops.sliding_tile import ALIGNED_TILE, DEFAULT_WINDOW, SlidingTileConfig
 
 from . import families
-from .compiled import STASH_ATTR, traced_attention
+from .compiled import STASH_ATTR, register_state, traced_attention
 from .models import ModelSpec, call_layout, inspect_model, split_tokens, video_grid
 from .providers import SharedOnCopy, StepContext, as_provider
 
@@ -230,6 +230,7 @@ class VortaState(SharedOnCopy):
         self._configs: dict = {}  # grid -> RoutedConfig
         self.warned_no_run = False
         self.call_options = None  # transformer_options of the model call in progress (compiled.STASH_ATTR)
+        self.compile_handle = register_state(self)  # how a compiled graph names this state
 
     def new_run(self, prev_override=None, percent_of=None) -> "VortaRun":
         return VortaRun(self, prev_override, percent_of)

@@ -101,9 +101,11 @@ def routed_attention(
 
 
 def run_groups(q, k, v, groups: dict[int, list[int]], grid, cfg: RoutedConfig, n_prefix=0, n_suffix=0, *,
-               kv_mask=None, scale=None, full_fn=None) -> torch.Tensor:
+               kv_mask=None, scale=None, full_fn=None, head_tables=None) -> torch.Tensor:
     """routed_attention with the head groups already made ({branch: sorted heads}, as
-    head_groups returns them): what a RoutingPlan calls with the groups it built once per step."""
+    head_groups returns them): what a RoutingPlan calls with the groups it built once per step.
+    head_tables: optional {branch: HeadTable} of the scattered groups, already on q's device
+    (validated when they were made; passed to the backends instead of the lists)."""
     if len(groups) == 1:
         (branch,) = groups
         return _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn)
@@ -113,8 +115,9 @@ def run_groups(q, k, v, groups: dict[int, list[int]], grid, cfg: RoutedConfig, n
         if idx == list(range(idx[0], idx[-1] + 1)):  # a run of heads: views
             s = slice(idx[0], idx[-1] + 1)
             _run_branch(branch, q[:, s], k[:, s], v[:, s], grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn, out[:, s])
-        else:  # scattered: the full tensors and the head list
-            _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn, out, idx)
+        else:  # scattered: the full tensors and the head list (or its device table)
+            heads = head_tables.get(branch, idx) if head_tables is not None else idx
+            _run_branch(branch, q, k, v, grid, cfg, n_prefix, n_suffix, kv_mask, scale, full_fn, out, heads)
 
     if not (cfg.concurrent and q.is_cuda):
         for branch, idx in groups.items():

@@ -17,6 +17,7 @@ from functools import cached_property
 
 import torch
 
+from ._backends import HeadTable, head_index
 from .dispatch import RoutedConfig, head_groups, run_groups
 from .full import full_attention
 from .branches import BRANCH_NAMES, CORESET, FULL, N_BRANCHES, SLIDING, branch, branch_config
@@ -62,6 +63,22 @@ class RoutingPlan:
         """Per block: {branch id: sorted head indices}, validated once."""
         return tuple(head_groups(row) for row in self.table)
 
+    def head_tables(self, device) -> tuple[dict[int, HeadTable], ...]:
+        """Per block: {branch: HeadTable} of its scattered head groups on ``device``, made once per
+        device (what the kernels read instead of validating and looking up a list on every call)."""
+        key = torch.device(device)
+        tables = self._device_tables.get(key)
+        if tables is None:
+            tables = self._device_tables[key] = tuple(
+                {b: HeadTable(head_index(h, self.heads, key, "routing plan")) for b, h in g.items()
+                 if h != list(range(h[0], h[-1] + 1))}
+                for g in self.groups)
+        return tables
+
+    @cached_property
+    def _device_tables(self) -> dict:
+        return {}
+
     @cached_property
     def head_counts(self) -> tuple[dict[str, int], ...]:
         """Per block: {branch name: heads on it} (the summary's counters, without a tensor op per call)."""
@@ -89,7 +106,7 @@ class RoutingPlan:
         if q.shape[1] != self.heads:
             raise ValueError(f"plan has {self.heads} heads per block, the call has {q.shape[1]}")
         return run_groups(q, k, v, self.groups[block], self.grid, self.cfg, n_prefix, n_suffix,
-                          kv_mask=kv_mask, scale=scale, full_fn=full_fn)
+                          kv_mask=kv_mask, scale=scale, full_fn=full_fn, head_tables=self.head_tables(q.device)[block])
 
     # ---- data ---------------------------------------------------------------------------------
     def sparsity(self) -> dict[str, float]:

@@ -277,7 +277,13 @@ def sliding_tile_fwd(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, sca
 
 def _layout_for(grid, cfg: SlidingTileConfig, n_prefix: int, n_suffix: int) -> TileLayout:
     block = LAYOUT_BLOCK if LAYOUT_BLOCK is not None else layout_block(cfg.tile)
-    return TileLayout(grid, cfg.tile, block, n_prefix, n_suffix)
+    return _layout(tuple(grid), tuple(cfg.tile), block, int(n_prefix), int(n_suffix))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(grid, tile, block, n_prefix, n_suffix) -> TileLayout:
+    """One TileLayout per (grid, tile, block, extras): made and validated once, not per call."""
+    return TileLayout(grid, tile, block, n_prefix, n_suffix)
 
 
 def sliding_tile_triton(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None,
