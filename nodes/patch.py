@@ -216,6 +216,9 @@ class StepRecord:
     calls: int = 0  # video self-attention calls seen (0: a cache skipped the step's blocks)
     unroutable: int = 0  # video self-attention calls that could not be routed (ran dense)
     fallbacks: int = 0  # routed calls that failed in a kernel and ran dense
+    # why the table is what it is, for the gate view: ("probability", [blocks, heads, branches]) from a
+    # file router, ("error", same shape) from a measuring router (measured relative error per branch), or None
+    scores: tuple | None = None
 
 
 class VortaState(SharedOnCopy):
@@ -495,11 +498,25 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
     rec_key = step if step is not None else key
     if rec_key not in run.steps:
-        run.steps[rec_key] = StepRecord(step, sigma, t, table)
+        run.steps[rec_key] = StepRecord(step, sigma, t, table, scores=step_scores(run.state.provider, ctx))
     layout = call_layout(run.spec, named, grid)
     if not getattr(layout, "routable", True):
         run.warn_once("layout", f"this model call cannot be routed ({layout.why})")
     return ForwardInfo(plan, layout, rec_key, profiler)
+
+
+def step_scores(provider, ctx: StepContext) -> tuple | None:
+    """What a provider can say about why it chose its table for this step (see StepRecord.scores)."""
+    try:
+        probs = provider.probabilities(ctx)
+        if probs is not None:
+            return ("probability", probs.detach().to("cpu", torch.float32))
+        errors = getattr(provider, "measured_errors", None)
+        errs = errors(ctx) if errors is not None else None
+        return ("error", errs.detach().to("cpu", torch.float32)) if errs is not None else None
+    except Exception:  # the gate view's detail must never stop a routed step
+        log.debug("VORTA: no scores for the gate view", exc_info=True)
+        return None
 
 
 def make_block_patch(index: int, previous=None):
