@@ -7,15 +7,16 @@ import logging
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import VortaApply
+from .calibration import VortaCalibrationReport
 from .patch import options_error
 from .gate_view import VortaGateVisualizer
 from .prompt_check import mark_prompt
-from .router_loader import VortaRouterLoader, VortaTrainingFreeRouter, register_folder
+from .router_loader import VortaRouterLoader, VortaSaveMeasuredRouter, VortaTrainingFreeRouter, register_folder
 
 
 class VortaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [VortaRouterLoader, VortaTrainingFreeRouter, VortaApply, VortaGateVisualizer]
+        return [VortaRouterLoader, VortaTrainingFreeRouter, VortaSaveMeasuredRouter, VortaApply, VortaGateVisualizer, VortaCalibrationReport]
 
 
 def _passes_model(class_type: str, slot: int) -> bool:

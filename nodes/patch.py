@@ -188,6 +188,7 @@ class ForwardInfo:
     layout: object  # models.CallLayout: where the extra tokens sit in this call's self-attention
     step: int | float | None  # key of the step's StepRecord
     profiler: object = None  # a measuring router's Profiler when this call is to be measured
+    route_measured: bool = True  # a measured call routes each block by its own errors (not in a dense step)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -239,9 +240,10 @@ class VortaState(SharedOnCopy):
         return VortaRun(self, prev_override, percent_of)
 
     def step_context(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None,
-                     weights=None) -> StepContext:
+                     weights=None, **schedule) -> StepContext:
+        """schedule: StepContext's step / schedule / ends_at_zero / sigmas / fingerprint / cfg_scale."""
         cfg = self.routed_config(grid) if grid is not None else None
-        return StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device, grid, cfg, weights)
+        return StepContext(diffusion_model, self.spec, t, sigma, percent, dtype, device, grid, cfg, weights, **schedule)
 
     def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> torch.Tensor:
         return self.provider.table(self.step_context(diffusion_model, t, dtype, device, sigma, percent, grid))
@@ -287,6 +289,10 @@ class VortaRun(SharedOnCopy):
         self.delegating = False  # inside a call handed to prev_override (which may chain back to us)
         self.setup_failures = 0  # model calls that ran dense because routing could not be set up
         self.weights = None  # the sampled ModelPatcher's patches_uuid (which LoRAs / weight patches)
+        self.fingerprint = None  # nodes.fingerprint of the sampled weights (for routers that cache on disk)
+        self.cfg_scale = None  # the guider's CFG scale
+        self.schedules: dict = {}  # sample sigmas -> (sampling percent per step, ends at zero)
+        self.last_context: StepContext | None = None  # the latest step's context (what a saved table describes)
         self.measured_calls = 0  # steps a measuring router measured (they run dense)
         # (timestep key, Profiler) of the step being measured: every model call of that step (cond and
         # uncond may come as separate calls) adds to it; it is kept when the next step starts or the run ends
@@ -341,9 +347,9 @@ class VortaRun(SharedOnCopy):
         calls = self.head_calls()
         routed = sum(calls[b.name] for b in BRANCHES if b.id != FULL)
         if self.measured_calls and routed == 0 and not planned:
-            log.warning("VORTA: the training-free router measured %d steps and routed none: every step after the warm-up "
-                        "started a span (fewer steps than spans?) or no head passed tau; use fewer spans, a higher tau, "
-                        "or run again (measured spans are kept)", self.measured_calls)
+            log.warning("VORTA: the training-free router measured %d steps and routed none: no head's sparse branch came "
+                        "within tau of full attention (or every routed step was a measured one that ran into the "
+                        "warm-up / dense settings); raise tau or lower the warm-up", self.measured_calls)
             return
         if planned and routed == 0:
             if sum(calls.values()) == 0:
@@ -427,6 +433,21 @@ def sampling_percent(model_sampling, sigma: float) -> float | None:
         return None
 
 
+def _schedule_of(run: VortaRun, to: dict):
+    """(sampling percent of each step of this sampler's schedule, whether it runs to sigma 0, its
+    sigmas rounded), once per run and schedule; (None, False, None) without sample_sigmas."""
+    sample = to.get("sample_sigmas")
+    if sample is None or len(sample) < 2:
+        return None, False, None
+    sigmas = tuple(round(float(x), 5) for x in sample.reshape(-1).float().cpu().tolist())
+    found = run.schedules.get(sigmas)
+    if found is None:
+        n = len(sigmas) - 1
+        percents = tuple(_step_percent(run, s, i, n) for i, s in enumerate(sigmas[:-1]))
+        found = run.schedules[sigmas] = (None if any(p is None for p in percents) else percents, sigmas[-1] == 0.0)
+    return found[0], found[1], sigmas
+
+
 def _step_percent(run: VortaRun, sigma: float, step, n_steps) -> float | None:
     if run.percent_of is not None:
         p = run.percent_of(sigma)
@@ -480,7 +501,10 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
     percent = _step_percent(run, sigma, step, n_steps)
-    ctx = run.state.step_context(dm, t, x.dtype, x.device, sigma, percent, grid, run.weights)
+    schedule, ends_at_zero, sigmas = _schedule_of(run, to)
+    ctx = run.last_context = run.state.step_context(
+        dm, t, x.dtype, x.device, sigma, percent, grid, run.weights, step=step, schedule=schedule,
+        ends_at_zero=ends_at_zero, sigmas=sigmas, fingerprint=run.fingerprint, cfg_scale=run.cfg_scale)
     if run.open_profile is not None and run.open_profile[0] != key:
         run.close_profile()  # the measured step is over: its errors decide the steps from here on
     if key not in run.tables:
@@ -502,7 +526,7 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     layout = call_layout(run.spec, named, grid)
     if not getattr(layout, "routable", True):
         run.warn_once("layout", f"this model call cannot be routed ({layout.why})")
-    return ForwardInfo(plan, layout, rec_key, profiler)
+    return ForwardInfo(plan, layout, rec_key, profiler, route_measured=not run.state.is_dense_step(percent))
 
 
 def step_scores(provider, ctx: StepContext) -> tuple | None:
@@ -632,17 +656,25 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     n_prefix, n_suffix = extra
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
-    plan = fwd.plan
-    if fwd.profiler is not None:  # a measuring router's bin start: measure this block's heads (the call runs dense)
+    plan, pb = fwd.plan, block  # the plan and its row this call runs
+    if fwd.profiler is not None:  # a measuring router's span start: measure this block's heads, then route by them
         try:
+            km = _key_mask(kwargs.get("mask"), B, L)
             fwd.profiler.observe(block, qh, kh, vh, fwd.grid, fwd.cfg, n_prefix, n_suffix,
-                                 kv_mask if isinstance(kv_mask := _key_mask(kwargs.get("mask"), B, L), torch.Tensor) else None)
+                                 km if isinstance(km, torch.Tensor) else None)
+            if fwd.route_measured and block not in run.state.options.dense_blocks:
+                row = fwd.profiler.decide(block)
+                plan, pb = RoutingPlan.for_step(run.plans, row[None], fwd.grid, fwd.cfg), 0
+                if rec is not None:
+                    if rec.table is fwd.plan.table:  # the record's own copy (the plan's table is a cache key)
+                        rec.table = rec.table.clone()
+                    rec.table[block] = row
         except Exception as e:
             if _is_interrupt(e):
                 raise
             run.warn_once("profile", f"measuring the heads failed ({type(e).__name__}: {e}); those blocks run full")
-    if plan.all_full[block]:
-        _count(rec, plan.head_counts[block], H)
+    if plan.all_full[pb]:
+        _count(rec, plan.head_counts[pb], H)
         return dense()
     kv_mask = _key_mask(kwargs.get("mask"), B, L)
     if isinstance(kv_mask, str):
@@ -654,7 +686,7 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
         return _delegate(run, prev, func, (qs, ks, vs), kw)
 
     try:
-        out = plan.run(block, qh, kh, vh, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
+        out = plan.run(pb, qh, kh, vh, n_prefix, n_suffix, kv_mask=kv_mask, full_fn=full_fn)
     except Exception as e:  # never a crash of the whole queue, never silent
         if _is_interrupt(e):
             raise
@@ -664,7 +696,7 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
             _count(rec, None, H)
             rec.fallbacks += 1
         return dense()
-    _count(rec, plan.head_counts[block], H)
+    _count(rec, plan.head_counts[pb], H)
     if kwargs.get("skip_output_reshape", False):
         return out
     return out.transpose(1, 2).reshape(B, L, H * D)
@@ -717,7 +749,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run_to = guider.model_options.setdefault("transformer_options", {})
     run_to[STATE_KEY] = run
     run_to[OVERRIDE_KEY] = override if _is_ours(override, state) else _bound_override(state)
-    run.weights = getattr(getattr(guider, "model_patcher", None), "patches_uuid", None)
+    patcher = getattr(guider, "model_patcher", None)
+    run.weights = getattr(patcher, "patches_uuid", None)
+    cfg_scale = getattr(guider, "cfg", None)
+    run.cfg_scale = float(cfg_scale) if isinstance(cfg_scale, (int, float)) else None
+    if getattr(state.provider, "wants_fingerprint", False) and patcher is not None:
+        from .fingerprint import model_fingerprint
+
+        run.fingerprint = model_fingerprint(patcher)
     finished = False
     try:
         out = executor(*args, **kwargs)

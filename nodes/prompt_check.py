@@ -25,7 +25,7 @@ from vorta_ops.router_io import load_router
 
 from .families import from_header
 from .models import ModelSpec
-from .providers import FileRouterProvider
+from .providers import as_provider
 
 # inputs["tile"] of a VORTA Apply whose router does not fit: MARK + the message. Only this module
 # writes it (into the prompt being validated); Apply's validate_inputs turns it into the error.
@@ -157,7 +157,7 @@ def fit_errors(prompt: dict, passes_model: Callable[[str, int], bool], resolve: 
             spec = spec_from_shapes(shapes) if shapes is not None else None
             if spec is None:
                 continue  # unreadable here, or not Wan / HunyuanVideo: Apply checks when it runs
-            FileRouterProvider(router_file(rpath)).check_fits(spec)  # the provider's own fit rule
+            as_provider(router_file(rpath)).check_fits(spec)  # the provider's own fit rule
         except ValueError as e:  # check_router_fits' message (or an unreadable router: RouterFileError)
             errors[nid] = str(e)
         except Exception:  # unreadable header etc.: leave it to the check at execution

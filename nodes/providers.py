@@ -54,6 +54,13 @@ class StepContext:
     grid: tuple[int, int, int] | None = None  # the call's latent token grid (a measuring router keys on it)
     cfg: object = None  # the RoutedConfig the table will run with
     weights: object = None  # identity of the model's weight patches (ModelPatcher.patches_uuid: LoRAs)
+    # the sampler's schedule, for routers that plan over it (all None outside a ComfyUI sampling run)
+    step: int | None = None  # index of this step in the sampler's schedule
+    schedule: tuple[float, ...] | None = None  # sampling percent of each step of that schedule
+    ends_at_zero: bool = False  # the schedule runs to sigma 0 (its last step is the last of the denoising)
+    sigmas: tuple[float, ...] | None = None  # the sampler's sigmas, rounded (a measurement cache key)
+    fingerprint: str | None = None  # the weights with their LoRAs and strengths (nodes.fingerprint)
+    cfg_scale: float | None = None  # the guider's CFG scale
 
 
 @runtime_checkable
@@ -114,9 +121,16 @@ def decide(probs: torch.Tensor, tau_sparse: float) -> torch.Tensor:
 
 
 def as_provider(router, tau_sparse: float = OFFICIAL_TAU_SPARSE) -> RouterProvider:
-    """A provider for what a VORTA_ROUTER socket carries (a RouterSet from the loader, or a provider)."""
+    """A provider for what a VORTA_ROUTER socket carries (a RouterSet or a measured table from the
+    loader, or a provider)."""
     if isinstance(router, RouterSet):
         return FileRouterProvider(router, tau_sparse)
+    from vorta_ops.measured import MeasuredTable
+
+    if isinstance(router, MeasuredTable):
+        from .training_free import MeasuredTableProvider
+
+        return MeasuredTableProvider(router)
     if isinstance(router, RouterProvider):
         return router
     raise TypeError(f"expected a VORTA router, got {type(router).__name__}")

@@ -1,5 +1,7 @@
-"""Router nodes: VORTA Router Loader (a file from models/vorta_routers -> VORTA_ROUTER) and the
-VORTA Training-Free Router (no file: it measures the model's heads while it samples)."""
+"""Router nodes: VORTA Router Loader (a file from models/vorta_routers -> VORTA_ROUTER), the VORTA
+Training-Free Router (no file: it measures the model's heads while it samples, and keeps the
+measurements in models/vorta_routers/tables) and VORTA Save Measured Router (the measurements of
+a sampled run as a router file the loader loads and others can use)."""
 from __future__ import annotations
 
 import os
@@ -7,11 +9,13 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from vorta_ops.measured import save_measured
 from vorta_ops.router_io import RouterFileError, load_router
 
 from .training_free import DEFAULT_TAU, TrainingFreeProvider
 
 FOLDER = "vorta_routers"
+TABLES = "tables"  # subfolder of the first vorta_routers path: the training-free router's measurements
 EXTENSIONS = {".safetensors", ".pt", ".pth"}
 Router = io.Custom("VORTA_ROUTER")
 
@@ -26,6 +30,11 @@ def register_folder() -> None:
     os.makedirs(default, exist_ok=True)
 
 
+def router_files() -> list[str]:
+    """Router files in models/vorta_routers, without the training-free router's measurement cache."""
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.replace("\\", "/").split("/")[0] != TABLES]
+
+
 class VortaRouterLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -38,7 +47,7 @@ class VortaRouterLoader(io.ComfyNode):
                 "(router.pt from Wenhao-Sun/VORTA, wan-14B/ or hunyuan/) or this pack's .safetensors."
             ),
             inputs=[
-                io.Combo.Input("router_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("router_name", options=router_files(),
                                tooltip="A router file in models/vorta_routers (.safetensors, .pt)."),
             ],
             outputs=[Router.Output(display_name="router")],
@@ -77,10 +86,64 @@ class VortaTrainingFreeRouter(io.ComfyNode):
                              tooltip="Spans of the rest of the denoising; the first step of each is measured."),
                 io.Int.Input("rows", default=256, min=16, max=4096, tooltip="Query rows sampled per head when measuring."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the row sampling (no global RNG)."),
+                io.Boolean.Input("keep_on_disk", default=True, optional=True,
+                                 tooltip=f"Keep the measurements in models/{FOLDER}/{TABLES}, keyed by the model's weights "
+                                         "(LoRAs and strengths included), grid, sigmas, CFG and branch settings: a rerun "
+                                         "with the same key measures nothing, across restarts too."),
             ],
             outputs=[Router.Output(display_name="router")],
         )
 
     @classmethod
-    def execute(cls, tau, warmup_percent, bins, rows, seed) -> io.NodeOutput:
-        return io.NodeOutput(TrainingFreeProvider(tau, warmup_percent / 100.0, bins, rows, seed))
+    def execute(cls, tau, warmup_percent, bins, rows, seed, keep_on_disk=True) -> io.NodeOutput:
+        cache = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], TABLES) if keep_on_disk else None
+        return io.NodeOutput(TrainingFreeProvider(tau, warmup_percent / 100.0, bins, rows, seed, cache_dir=cache))
+
+
+class VortaSaveMeasuredRouter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VortaSaveMeasuredRouter",
+            display_name="VORTA Save Measured Router",
+            category="model_patches/vorta",
+            description=(
+                "Saves what the training-free router measured in the model's last sampling run (errors per block, "
+                f"head and branch for each span of the denoising, and tau) as a router file in models/{FOLDER}: "
+                "the Router Loader loads it like a trained router, for this model and grid, with no measuring."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of VORTA Apply fed by the training-free router."),
+                io.String.Input("filename", default="measured_router",
+                                tooltip=f"File name in models/{FOLDER} (.safetensors is added); an existing file is never "
+                                        "replaced."),
+                io.Latent.Input("latent", optional=True, tooltip="Connect the sampler's output so this runs after it."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_):
+        return float("nan")  # what it saves changes with every sampling run
+
+    @classmethod
+    def execute(cls, model, filename, latent=None) -> io.NodeOutput:
+        from .patch import STATE_KEY, VortaState
+
+        state = model.model_options.get("transformer_options", {}).get(STATE_KEY)
+        if not isinstance(state, VortaState) or not isinstance(state.provider, TrainingFreeProvider):
+            raise ValueError("VORTA Save Measured Router needs the MODEL output of a VORTA Apply whose router is the "
+                             "VORTA Training-Free Router")
+        run = state.last_run
+        if run is None or run.last_context is None:
+            raise ValueError("this model has not sampled yet: connect the sampler's LATENT to this node's latent input "
+                             "so it runs after sampling")
+        name = str(filename).strip()
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"filename must be a plain file name like 'wan22_5b_720p', got {filename!r}")
+        if not name.lower().endswith(".safetensors"):
+            name += ".safetensors"
+        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        saved = save_measured(state.provider.export(run.last_context), path)
+        return io.NodeOutput(str(saved), ui={"text": (f"saved {saved}",)})

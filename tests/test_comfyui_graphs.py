@@ -302,8 +302,10 @@ def test_hunyuan_text_refiner_with_a_long_prompt_is_not_taken_for_video(server):
 
 def test_training_free_router_routes_a_model_with_no_router_file(server):
     """Wan 2.2 5B has no official router: the Training-Free Router measures the first step of each
-    span (run dense), routes the others, and the output equals the per-head reference; a second run
-    of the same model measures nothing and routes from its first step."""
+    span and routes it by its own errors, routes the span's other steps by them, and the output
+    equals the per-head reference; 4 steps are a distilled schedule (every step its own span, the
+    last one dense); a second run of the same model measures nothing, and the measurements are on
+    disk in models/vorta_routers/tables."""
     p = _prompt(None, prefix="tf", steps=4)
     p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
     p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 8, "width": 12}}
@@ -316,24 +318,74 @@ def test_training_free_router_routes_a_model_with_no_router_file(server):
     p["7"]["inputs"]["model"] = ["3", 0]
     p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 4,
                                                               "scheduler": "simple", "latent": ["7", 0]}}
+    tables = server.base / "models" / "vorta_routers" / "tables"
+    before = set(tables.glob("*.safetensors")) if tables.exists() else set()
     mark = len(server.log.read_text())
     entry = server.run(p)
     log = _log_since(server, mark)
     steps = gates(entry, "9")["steps"]
-    assert len(steps) == 4 and steps[0] == steps[2] == "0000"  # span starts: measured, dense
-    for s in (steps[1], steps[3]):
+    assert len(steps) == 4 and steps[3] == "0000"  # the last step of a distilled schedule: dense
+    for s in steps[:3]:  # measured and routed by their own errors
         assert s[:2] == "00" and "0" not in s[2:], steps  # block 0 dense; block 1 routed
-    assert log.count("training-free router measured") == 2, log[-3000:]
+    assert log.count("training-free router measured") == 3, log[-3000:]
+    assert len(set(tables.glob("*.safetensors")) - before) == 1  # one cache file for this key
     again = copy.deepcopy(p)
     again["7"]["inputs"]["seed"] = next(_seeds)
     again["8"]["inputs"]["filename_prefix"] = "tf_again"
     mark = len(server.log.read_text())
     entry = server.run(again)
     assert "training-free router measured" not in _log_since(server, mark)
-    assert all(s[:2] == "00" and "0" not in s[2:] for s in gates(entry, "9")["steps"])
+    assert gates(entry, "9")["steps"] == steps
     # the same (measured) tables, computed by the per-head reference
     ref = _after(copy.deepcopy(again), "30", "VortaTestReferenceOverride")
     ref["8"]["inputs"]["filename_prefix"] = "tf_ref"
     ref.pop("9")
     server.run(ref)
     torch.testing.assert_close(saved_latent(server, "tf_again"), saved_latent(server, "tf_ref"), atol=1e-4, rtol=1e-4)
+
+
+def _training_free_prompt(prefix, steps=10, tau=10.0):
+    p = _prompt(None, prefix=prefix, steps=steps)
+    p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
+    p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 8, "width": 12}}
+    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": tau, "warmup_percent": 10.0, "bins": 2,
+                                                                   "rows": 16, "seed": 3, "keep_on_disk": False}}
+    p["3"] = {"class_type": "VortaApply", "inputs": {
+        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
+        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
+    p["7"]["inputs"]["model"] = ["3", 0]
+    p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": steps,
+                                                              "scheduler": "simple", "latent": ["7", 0]}}
+    return p
+
+
+def test_saved_measured_router_loads_and_routes_with_no_measuring(server):
+    """Save Measured Router writes the last run's measurements as a router file; the Router Loader
+    lists it (not the cache folder's files) and, loaded into Apply, it routes a 10-step run with the
+    training-free run's tables and measures nothing; saving again under that name is refused and
+    leaves the file as it was."""
+    name = f"measured_{server.version.replace('.', '_')}"
+    p = _training_free_prompt("tf_save")
+    p["11"] = {"class_type": "VortaSaveMeasuredRouter", "inputs": {"model": ["3", 0], "filename": name,
+                                                                   "latent": ["7", 0]}}
+    entry = server.run(p)
+    measured_steps = gates(entry, "9")["steps"]
+    assert any(set(s[2:]) - {"0"} for s in measured_steps)  # it routed something
+    path = server.base / "models" / "vorta_routers" / f"{name}.safetensors"
+    assert path.exists()
+    info = server.get("/object_info/VortaRouterLoader")["VortaRouterLoader"]["input"]["required"]["router_name"]
+    options = info[0] if isinstance(info[0], list) else info[1].get("options", [])
+    assert f"{name}.safetensors" in options and not any(o.startswith("tables") for o in options), options
+    q = _training_free_prompt("tf_loaded")
+    q["2"] = {"class_type": "VortaRouterLoader", "inputs": {"router_name": f"{name}.safetensors"}}
+    mark = len(server.log.read_text())
+    entry = server.run(q)
+    log = _log_since(server, mark)
+    assert "training-free router measured" not in log and "VORTA:" not in log, log[-2000:]
+    loaded_steps = gates(entry, "9")["steps"]
+    # the measured steps of the first run were dense only where the warm-up says so; all others match
+    assert loaded_steps == measured_steps, (loaded_steps, measured_steps)
+    stamp = path.stat().st_mtime_ns, path.read_bytes()
+    with pytest.raises(h.PromptFailed, match="already exists"):
+        server.run(p)
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == stamp

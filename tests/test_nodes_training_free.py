@@ -1,6 +1,9 @@
 """The training-free router through the patch (small fakes, no ComfyUI): it measures the first step
-of each span of the denoising (running it dense), routes the span's other steps by those errors,
-keeps block 0 and the warm-up dense, and a rerun measures nothing."""
+of each span of the denoising (that step routes each block by its own errors once measured), routes
+the span's other steps by those errors, keeps block 0 and the warm-up dense, and a rerun measures
+nothing. Spans are cut at quantiles of the sampler's steps; at 8 steps or fewer every step is its
+own span and the last one is dense. Measurements persist on disk under a key of the weights'
+fingerprint, grid, sigmas, CFG and branch settings, and can be saved as a router file."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +29,11 @@ def dense_backend(q, k, v, heads, mask=None, skip_reshape=False, skip_output_res
 OPTIONS = P.VortaOptions(tile="1,2,2", window=(3, 3, 3), bucket=(2, 2, 2))
 
 
-def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTIONS, weights=None, fail_at=None,
-           uncond=None):
+SIGMAS10 = tuple(round(1.0 - i / 10, 2) for i in range(11))  # 10 steps of a flow schedule (percent = 1 - sigma)
+
+
+def sample(provider, sigmas=SIGMAS10, dm=None, options=OPTIONS, weights=None, fail_at=None, uncond=None,
+           fingerprint=None, cfg_scale=None):
     """One sampling run of a 2-block fake Wan on the planted heads (latent 4x16x16 -> grid 4x8x8);
     returns the run and the outputs per (step, block). fail_at: (sigma, block) where the model
     call raises (a cancel mid-step). uncond: q, k, v of a second model call per step (cond and
@@ -36,6 +42,7 @@ def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTION
     _, state = P.apply_vorta(FakePatcher(dm), provider, options)
     run = state.new_run(percent_of=lambda s: 1.0 - s)  # a flow schedule: percent = 1 - sigma
     run.weights = weights
+    run.fingerprint, run.cfg_scale = fingerprint, cfg_scale
     q, k, v = planted_heads()
     flat = [x.transpose(1, 2).reshape(1, -1, H * D) for x in (q, k, v)]
     outs = {}
@@ -67,21 +74,43 @@ def sample(provider, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0), dm=None, options=OPTION
     return state, run, outs
 
 
-def test_measures_bin_starts_and_routes_the_rest_of_each_span():
+def test_measures_span_starts_routes_them_by_their_own_errors_and_the_rest_of_each_span():
     prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
     state, run, outs = sample(prov)
-    tables = [run.steps[i].table for i in range(4)]
-    assert prov.profiled_calls == 2 * 2  # 2 blocks at each of the 2 bin starts (steps 0 and 2)
-    for i in (0, 2):  # measured: dense while measuring
-        assert bool((tables[i] == FULL).all())
-    for i in (1, 3):
+    tables = [run.steps[i].table for i in range(10)]
+    assert prov.profiled_calls == 2 * 2  # 2 blocks at each of the 2 span starts (steps 0 and 5: quantiles of 10 steps)
+    assert run.measured_calls == 2
+    for i in range(10):
         assert bool((tables[i][0] == FULL).all())  # block 0 stays dense
         # planted: heads 0 and 3 local -> sliding tile, head 1 redundant -> core-set, head 2 random -> full
-        assert tables[i][1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
+        assert tables[i][1].tolist() == [SLIDING, CORESET, FULL, SLIDING], i
     q, k, v = planted_heads()
     cfg = state.routed_config((4, 8, 8))
     ref = routed_attention(q, k, v, tables[1][1], (4, 8, 8), cfg, full_fn=F.scaled_dot_product_attention)
-    torch.testing.assert_close(outs[(0.75, 1)], ref.transpose(1, 2).reshape(1, -1, H * D))
+    for sigma in (1.0, 0.9, 0.5):  # the measured steps 0 and 5 route like the others
+        out = next(o for (sg, b), o in outs.items() if b == 1 and abs(sg - sigma) < 1e-6)
+        torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, -1, H * D))
+    assert run.summary().count("sliding_tile") == 1 and "full 62.5%" in run.summary()  # 5/8 of the head-calls
+
+
+def test_spans_at_quantiles_of_the_schedule_and_distilled_schedules():
+    from nodes.training_free import spans_of_schedule
+
+    uneven = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 0.99)  # 12 steps, crowded at the ends
+    assert spans_of_schedule(uneven, True, 0.1, 3) == [(3, 5), (6, 8), (9, 11)]  # equal step counts, not percents
+    assert spans_of_schedule(uneven, True, 0.0, 5) == [(0, 2), (3, 5), (6, 7), (8, 9), (10, 11)]
+    four = (0.0, 0.25, 0.5, 0.75)
+    assert spans_of_schedule(four, True, 0.1, 4) == [(1, 1), (2, 2)]  # warm-up step 0, last step dense
+    assert spans_of_schedule(four, False, 0.1, 4) == [(1, 1), (2, 2), (3, 3)]  # a first half: its last step is no end
+    assert spans_of_schedule(four, True, 0.1, 1) == [(1, 1), (2, 2)]  # bins do not apply to distilled schedules
+
+
+def test_a_distilled_schedule_measures_every_step_and_keeps_the_last_dense():
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.1, bins=2, rows=64)
+    _, run, _ = sample(prov, sigmas=(1.0, 0.75, 0.5, 0.25, 0.0))
+    assert run.measured_calls == 2 and prov.profiled_calls == 2 * 2  # steps 1 and 2, each its own span
+    assert bool((run.steps[0].table == FULL).all()) and bool((run.steps[3].table == FULL).all())
+    assert run.steps[1].table[1].tolist() == run.steps[2].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
 
 
 def test_rerun_of_the_same_model_measures_nothing():
@@ -112,9 +141,11 @@ def test_rerun_of_the_same_model_measures_nothing():
     first = one_run()
     measured = prov.profiled_calls
     second = one_run()
-    assert measured == 4 and prov.profiled_calls == measured  # the rerun measured nothing
-    assert bool((first.steps[0].table == FULL).all())  # the first run measured step 0 (dense)
-    assert second.steps[0].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]  # the rerun routes it
+    assert measured == 2 and prov.profiled_calls == measured  # the rerun measured nothing
+    assert first.measured_calls == 1 and second.measured_calls == 0
+    for run in (first, second):  # step 0 (its own span: 2 steps are a distilled schedule) routes; the last is dense
+        assert run.steps[0].table[1].tolist() == [SLIDING, CORESET, FULL, SLIDING]
+        assert bool((run.steps[1].table == FULL).all())
 
 
 def test_warmup_and_tau_zero_stay_dense():
@@ -171,14 +202,14 @@ def test_one_router_node_feeds_models_of_two_sizes():
 
 
 def test_a_run_that_only_measured_says_so(caplog):
-    """Fewer steps than spans: every step is a span start, measured and dense: one warning."""
+    """tau 0: the measured steps pass no head, so nothing routes: one warning that says so."""
     import logging
 
-    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=4, rows=64)
+    prov = TrainingFreeProvider(tau=0.0, warmup=0.0, bins=4, rows=64)
     with caplog.at_level(logging.WARNING, logger="vorta"):
         _, run, _ = sample(prov, sigmas=(1.0, 0.5, 0.0))
         run.check_routed()
-    assert sum("measured 2 steps and routed none" in r.message for r in caplog.records) == 1
+    assert sum("measured 1 steps and routed none" in r.message for r in caplog.records) == 1
 
 
 def test_cond_and_uncond_in_separate_calls_are_both_measured():
@@ -194,3 +225,112 @@ def test_cond_and_uncond_in_separate_calls_are_both_measured():
     assert prov.profiled_calls == 2 * 2 * 2  # 2 calls x 2 blocks at each of the 2 span starts
     assert run.measured_calls == 2  # steps
     assert run.steps[1].table[1].tolist() == [FULL, CORESET, FULL, SLIDING]
+
+
+# ---- on disk: the measurement cache and saved measured routers ------------------------------------
+
+def test_a_new_session_with_the_same_key_measures_nothing(tmp_path):
+    """A new provider (a restarted ComfyUI) and a new model object with the same fingerprint, sigmas,
+    CFG and settings find the measurements on disk and route every step as the first run did."""
+    first = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64, cache_dir=tmp_path)
+    _, run1, _ = sample(first, fingerprint="abc", cfg_scale=5.0)
+    assert first.profiled_calls == 4 and first.cache.writes == 2 and len(list(tmp_path.iterdir())) == 1
+    again = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64, cache_dir=tmp_path)
+    _, run2, _ = sample(again, fingerprint="abc", cfg_scale=5.0)
+    assert again.profiled_calls == 0 and run2.measured_calls == 0 and again.loaded_spans == 2
+    assert [r.table.tolist() for r in run2.steps.values()] == [r.table.tolist() for r in run1.steps.values()]
+
+
+@pytest.mark.parametrize("change", ["fingerprint", "cfg_scale", "sigmas", "branches", "rows", "seed", "grid"])
+def test_each_cache_key_field_invalidates(tmp_path, change):
+    base = dict(fingerprint="abc", cfg_scale=5.0, sigmas=SIGMAS10, options=OPTIONS)
+    sample(TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64, cache_dir=tmp_path), **base)
+    kw, prov_kw = dict(base), dict(tau=TAU, warmup=0.0, bins=1, rows=64, cache_dir=tmp_path)
+    if change == "fingerprint":
+        kw["fingerprint"] = "abd"
+    elif change == "cfg_scale":
+        kw["cfg_scale"] = 6.0
+    elif change == "sigmas":
+        kw["sigmas"] = tuple(round(1.0 - i / 10, 2) for i in range(10)) + (0.05, 0.0)  # one step more at the end
+    elif change == "branches":
+        kw["options"] = P.VortaOptions(tile="1,2,2", window=(1, 3, 3), bucket=(2, 2, 2))
+    elif change in ("rows", "seed"):
+        prov_kw[change] = 65 if change == "rows" else 1
+    prov = TrainingFreeProvider(**prov_kw)
+    if change == "grid":
+        prov2 = TrainingFreeProvider(**prov_kw)
+        key = lambda grid: prov2.disk_key(_ctx(grid))
+        assert key((4, 8, 8)) != key((4, 8, 6)) and key((4, 8, 8)) == key((4, 8, 8))
+        return
+    sample(prov, **kw)
+    assert prov.profiled_calls == 2 and prov.loaded_spans == 0, change  # measured afresh
+
+
+def _ctx(grid):
+    from nodes.models import inspect_model
+    from nodes.providers import StepContext
+
+    spec = inspect_model(WanModel(heads=H))
+    st = P.VortaState(TrainingFreeProvider(), spec, OPTIONS)
+    return StepContext(None, spec, 500.0, grid=grid, cfg=st.routed_config(grid), sigmas=SIGMAS10, fingerprint="abc",
+                       cfg_scale=5.0)
+
+
+def test_an_unreadable_cache_entry_is_measured_again(tmp_path):
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64, cache_dir=tmp_path)
+    sample(prov, fingerprint="abc")
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(b"not safetensors")
+    again = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64, cache_dir=tmp_path)
+    sample(again, fingerprint="abc")
+    assert again.profiled_calls == 2  # measured, and the entry rewritten
+    third = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64, cache_dir=tmp_path)
+    sample(third, fingerprint="abc")
+    assert third.profiled_calls == 0
+
+
+def test_saved_measured_router_loads_and_routes_like_the_measuring_run(tmp_path):
+    from nodes.providers import as_provider
+    from vorta_ops.measured import MeasuredTable, save_measured
+    from vorta_ops.router_io import RouterFileError, load_router
+
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.2, bins=2, rows=64)
+    state, run, _ = sample(prov)
+    table = prov.export(run.last_context)
+    assert isinstance(table, MeasuredTable) and len(table.spans) == 2 and table.tau == TAU
+    path = save_measured(table, tmp_path / "measured.safetensors")
+    with pytest.raises(RouterFileError, match="already exists"):
+        save_measured(table, path)  # never overwritten
+    loaded = load_router(path)
+    assert isinstance(loaded, MeasuredTable) and loaded.spans == table.spans
+    torch.testing.assert_close(loaded.errors, table.errors, equal_nan=True)
+    # routed by the file, a new model object gets the tables the measuring run used (measured steps included)
+    _, run2, _ = sample(as_provider(loaded))
+    assert run2.measured_calls == 0
+    assert [r.table.tolist() for r in run2.steps.values()] == [r.table.tolist() for r in run.steps.values()]
+    from nodes.models import inspect_model
+
+    with pytest.raises(ValueError, match="does not fit the model"):
+        as_provider(loaded).check_fits(inspect_model(WanModel(heads=H, blocks=3)))
+
+
+def test_hysteresis_keeps_a_head_on_its_branch_while_its_error_stays_near_tau():
+    from nodes.providers import StepContext
+    from nodes.models import inspect_model
+
+    spec = inspect_model(WanModel(heads=H))
+    prov = TrainingFreeProvider(tau=0.3, warmup=0.0, bins=2, rows=64, dense_block0=False)
+    state = P.VortaState(prov, spec, OPTIONS)
+    sched = tuple(i / 10 for i in range(10))
+    dm = WanModel(heads=H)
+    ctx = lambda step: StepContext(dm, spec, 500.0, grid=(4, 8, 8), cfg=state.routed_config((4, 8, 8)), step=step,
+                                   schedule=sched, ends_at_zero=True)
+    c0, c5 = ctx(0), ctx(5)
+    first = torch.tensor([[[0.0, 0.9, 0.10]] * H] * 2)  # sliding tile clearly within tau
+    second = torch.tensor([[[0.0, 0.9, 0.32]] * H] * 2)  # now just above tau, inside tau * 1.1
+    store = prov._measured(c0)
+    store[prov._key(c0, prov.span_of(c0))] = first
+    store[prov._key(c5, prov.span_of(c5))] = second
+    assert prov.table(c5).tolist() == [[SLIDING] * H] * 2  # kept: no flicker to full
+    prov.hysteresis = 0.0
+    assert prov.table(c5).tolist() == [[FULL] * H] * 2  # without hysteresis it would flip

@@ -113,6 +113,10 @@ def _load_safetensors(path: Path) -> RouterSet:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # SafetensorError, OSError: corrupt or truncated
         raise RouterFileError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+    from .measured import is_measured_file, load_measured
+
+    if is_measured_file(meta):  # a training-free router's measured spans, saved to be shared
+        return load_measured(path, meta, tensors)
     if meta.get("format") != FORMAT:
         return router_from_state_dict(tensors, str(path))
     if meta.get("format_version") != FORMAT_VERSION:
@@ -174,8 +178,9 @@ def _load_torch(path: Path) -> RouterSet:
     return router_from_state_dict(sd, str(path))
 
 
-def load_router(path: str | os.PathLike) -> RouterSet:
-    """Load a router from .safetensors (own or official keys) or an official .pt/.pth/.bin."""
+def load_router(path: str | os.PathLike):
+    """Load a router from .safetensors (own or official keys; or a measured table, returned as a
+    vorta_ops.measured.MeasuredTable) or an official .pt/.pth/.bin -> RouterSet."""
     path = Path(path)
     _check_readable(path)
     suffix = path.suffix.lower()

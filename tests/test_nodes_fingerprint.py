@@ -1,0 +1,57 @@
+"""The weights' fingerprint that keys the training-free router's on-disk measurements: stable for the
+same weights and patches (across clones and processes), different for any LoRA, strength, dtype or
+weight change."""
+import copy
+
+import torch
+
+from nodes.fingerprint import model_fingerprint
+
+
+class Model:
+    def __init__(self, dm):
+        self.diffusion_model = dm
+
+
+class Patcher:
+    def __init__(self, dm, patches=None):
+        self.model = Model(dm)
+        self.patches = patches or {}
+
+
+def net(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)).to(dtype)
+
+
+def lora(strength, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(16, 2, generator=g), torch.randn(2, 8, generator=g)
+    return {"0.weight": [(strength, ("lora", (up, down, None, None)), 1.0, None, None)]}
+
+
+def test_same_weights_and_patches_give_the_same_fingerprint():
+    a = model_fingerprint(Patcher(net(), lora(0.8)))
+    b = model_fingerprint(Patcher(copy.deepcopy(net()), copy.deepcopy(lora(0.8))))
+    assert a is not None and a == b
+
+
+def test_any_change_of_weights_lora_strength_or_dtype_changes_it():
+    base = model_fingerprint(Patcher(net(), lora(0.8)))
+    changed = [
+        Patcher(net(seed=1), lora(0.8)),  # other weights
+        Patcher(net(), lora(0.7)),  # LoRA strength
+        Patcher(net(), lora(0.8, seed=2)),  # another LoRA
+        Patcher(net(), {}),  # no LoRA
+        Patcher(net(dtype=torch.bfloat16), lora(0.8)),  # dtype
+    ]
+    m = net()
+    with torch.no_grad():
+        m[1].weight[-1, -1] += 1.0  # the last value of a tensor (sampled at fixed strides, ends included)
+    changed.append(Patcher(m, lora(0.8)))
+    prints = [model_fingerprint(p) for p in changed]
+    assert base not in prints and len(set(prints)) == len(prints)
+
+
+def test_unreadable_model_gives_none():
+    assert model_fingerprint(object()) is None
