@@ -1,6 +1,11 @@
 // Opens ComfyUI's real frontend in headless Chromium, loads each workflow, and drives the VORTA
 // gate widget: feeds it a payload as the node's execution would, reads the widget's canvas back
 // per step (slider at 0, then moved to 1). Usage: node frontend_check.mjs URL SHOT_DIR WORKFLOW.json...
+// With VORTA_LIVE_GATE=1 (the server has tiny_wan.safetensors and the router wan_live.safetensors)
+// it then builds a tiny routed Wan graph with a "last run" Gate Visualizer, queues it through the
+// frontend, and reports what the widget received and drew (every step's cells read from the canvas,
+// the hover line of a cell), then the same after the workflow is serialized and loaded again (not
+// run), and the cell size the widget gives a 40 x 40 x 50 payload ("live" in the output).
 // Prints one JSON line: the frontend version the page reports, errors while the page loaded, and per
 // workflow the node count, node types the frontend does not know, the cells the widget drew and
 // console errors. Written against ComfyUI frontends 1.27 to 1.58: globals and dialogs differ between
@@ -93,9 +98,10 @@ try {
         if (!w) return out;
         const canvas = w.slider.parentElement.querySelector("canvas");
         // which branch colour each (block, head) cell has, block-major, as the payload's digits
+        const M = await import(new URL("/extensions/comfyui-vorta/vorta_gates_draw.js", location.href).href);
         const read = () => {
           const ctx = canvas.getContext("2d");
-          const cell = Math.floor(Math.min(canvas.width / GATES.heads, (canvas.height - 18) / GATES.blocks));
+          const cell = M.gridLayout(GATES, canvas.width, canvas.height).cell;
           let s = "";
           for (let b = 0; b < GATES.blocks; b++) for (let h = 0; h < GATES.heads; h++) {
             const px = ctx.getImageData(h * cell + (cell >> 1), b * cell + (cell >> 1), 1, 1).data;
@@ -134,7 +140,152 @@ try {
     results.workflows[name] = r;
     await page.screenshot({ path: `${shotDir}/${name}.png` });
   }
+  if (process.env.VORTA_LIVE_GATE === "1") {
+    await closeDialogs();
+    try {
+      results.live = await liveGate(page);
+    } catch (e) {
+      results.live = { exception: String(e?.stack ?? e) };
+    }
+    results.live.errors = errors.splice(0);
+    await page.screenshot({ path: `${shotDir}/live_gate.png` });
+  }
   console.log(JSON.stringify(results));
 } finally {
   await browser.close();
+}
+
+
+// In the page: reads the gate widget of node `id` (window.app.graph) back: per step the branch ids
+// of the cells (from the canvas pixels and the payload's colours), and the canvas/cell size.
+async function readGate(page, id) {
+  return page.evaluate(async (id) => {
+    const M = await import(new URL("/extensions/comfyui-vorta/vorta_gates_draw.js", location.href).href);
+    const gate = window.app.graph.getNodeById(id);
+    const w = gate?.vortaWidget, data = gate?.vortaGates;
+    if (!w || !data) return { widget: !!w, data: !!data };
+    const canvas = w.canvas;
+    const colours = M.branchColours(data).map((c) => {
+      const x = c.startsWith("#") ? [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16)) : c.match(/\d+/g).map(Number);
+      return x;
+    });
+    const steps = [];
+    for (let st = 0; st < data.steps.length; st++) {
+      w.slider.value = String(st);
+      w.slider.dispatchEvent(new Event("input"));
+      const ctx = canvas.getContext("2d");
+      const cell = M.gridLayout(data, canvas.width, canvas.height).cell;
+      let s = "";
+      for (let b = 0; b < data.blocks; b++) for (let h = 0; h < data.heads; h++) {
+        const px = ctx.getImageData(h * cell + (cell >> 1), b * cell + (cell >> 1), 1, 1).data;
+        const k = colours.findIndex((c) => c.every((v, i) => Math.abs(v - px[i]) <= 2));
+        s += k < 0 ? "?" : String(k);
+      }
+      steps.push(s);
+    }
+    return { widget: true, data: true, steps, label: w.root.firstChild.textContent, canvas: [canvas.width, canvas.height],
+             cell: M.gridLayout(data, canvas.width, canvas.height).cell, node_size: Array.from(gate.size),
+             stored: !!gate.properties?.vorta_gates };
+  }, id);
+}
+
+// Hovers (block, head) of step `step` on the widget's canvas (a mouse move at the cell's centre) and
+// returns the hover line.
+async function hoverGate(page, id, step, block, head) {
+  return page.evaluate(async ([id, step, block, head]) => {
+    const M = await import(new URL("/extensions/comfyui-vorta/vorta_gates_draw.js", location.href).href);
+    const gate = window.app.graph.getNodeById(id);
+    const w = gate.vortaWidget, canvas = w.canvas;
+    w.slider.value = String(step);
+    w.slider.dispatchEvent(new Event("input"));
+    const cell = M.gridLayout(gate.vortaGates, canvas.width, canvas.height).cell;
+    const r = canvas.getBoundingClientRect();
+    const sx = r.width ? r.width / canvas.width : 1, sy = r.height ? r.height / canvas.height : 1;
+    const at = { clientX: r.left + (head * cell + cell / 2) * sx, clientY: r.top + (block * cell + cell / 2) * sy, bubbles: true };
+    canvas.dispatchEvent(new MouseEvent("mousemove", at));
+    return w.info.textContent;
+  }, [id, step, block, head]);
+}
+
+async function liveGate(page) {
+  const id = await page.evaluate(async () => {
+    const LG = window.LiteGraph ?? window.comfyAPI?.litegraph?.LiteGraph;
+    const app = window.app;
+    app.graph.clear();
+    const add = (type, values, pos) => {
+      const n = LG.createNode(type);
+      if (!n) throw new Error(`cannot create ${type}`);
+      app.graph.add(n);
+      n.pos = pos;
+      for (const [k, v] of Object.entries(values)) {
+        const w = n.widgets?.find((x) => x.name === k);
+        if (!w) throw new Error(`${type}: no widget ${k} (has ${n.widgets?.map((x) => x.name)})`);
+        w.value = v;
+      }
+      return n;
+    };
+    const link = (a, slot, b, name) => {
+      const i = b.inputs.findIndex((x) => x.name === name);
+      if (i < 0) throw new Error(`${b.type}: no input ${name}`);
+      a.connect(slot, b, i);
+    };
+    const unet = add("UNETLoader", { unet_name: "tiny_wan.safetensors", weight_dtype: "default" }, [-900, 0]);
+    const router = add("VortaRouterLoader", { router_name: "wan_live.safetensors" }, [-900, 200]);
+    const apply = add("VortaApply", { tile: "1,2,2", window: "1,1,1", bucket: "2,2,2", keep_ratio: 0.5 }, [-600, 0]);
+    const pos = add("VortaTestConditioning", { seed: 1, tokens: 8, pooled: false }, [-900, 400]);
+    const neg = add("VortaTestConditioning", { seed: 2, tokens: 8, pooled: false }, [-900, 600]);
+    const latent = add("EmptyHunyuanLatentVideo", { width: 96, height: 64, length: 9, batch_size: 1 }, [-600, 400]);
+    const ks = add("KSampler", { seed: 0, steps: 3, cfg: 2.0, sampler_name: "euler", scheduler: "simple", denoise: 1.0 }, [-300, 0]);
+    const save = add("SaveLatent", { filename_prefix: "live_gate" }, [-300, 500]);
+    const gate = add("VortaGateVisualizer", { mode: "last run", steps: 3, scheduler: "simple" }, [0, 0]);
+    link(unet, 0, apply, "model");
+    link(router, 0, apply, "router");
+    link(apply, 0, ks, "model");
+    link(pos, 0, ks, "positive");
+    link(neg, 0, ks, "negative");
+    link(latent, 0, ks, "latent_image");
+    link(ks, 0, save, "samples");
+    link(apply, 0, gate, "model");
+    link(ks, 0, gate, "latent");
+    const c = app.canvas;
+    c.ds.scale = 1; c.ds.offset = [60, 120]; c.setDirty(true, true);
+    window.__vortaLiveGate = gate.id;
+    await app.queuePrompt(0, 1);
+    return gate.id;
+  });
+  await page.waitForFunction((id) => !!window.app.graph.getNodeById(id)?.vortaGates, id, { timeout: 120000 });
+  await page.waitForTimeout(500); // the element placed and resized, the map redrawn
+  const out = { node: id, data: await page.evaluate((id) => window.app.graph.getNodeById(id).vortaGates, id) };
+  out.read = await readGate(page, id);
+  // hover every cell of the last step (2 x 2 here; a few cells of larger maps)
+  const d = out.data, last = d.steps.length - 1;
+  out.hovers = [];
+  for (let b = 0; b < Math.min(d.blocks, 3); b++) for (let h = 0; h < Math.min(d.heads, 3); h++) {
+    out.hovers.push({ step: last, block: b, head: h, text: await hoverGate(page, id, last, b, h) });
+  }
+  // save and reopen the workflow: the map comes back from the node's properties, without a run
+  out.saved = await page.evaluate(async (id) => {
+    const wf = JSON.parse(JSON.stringify(window.app.graph.serialize()));
+    window.app.graph.clear();
+    await window.app.loadGraphData(wf);
+    return wf;
+  }, id);
+  await page.waitForTimeout(500);
+  out.reread = await readGate(page, id);
+  out.rehover = await hoverGate(page, id, last, 0, 0);
+  // a 40 x 40 x 50 map: the widget grows the node so that cells stay readable
+  out.big = await page.evaluate(async (id) => {
+    const gate = window.app.graph.getNodeById(id);
+    const B = 40, H = 40, S = 50;
+    const steps = Array.from({ length: S }, (_, s) => Array.from({ length: B * H }, (_, i) => String((i + s) % 3)).join(""));
+    gate.onExecuted({ vorta_gates: [{ ...gate.vortaGates, blocks: B, heads: H, steps, labels: steps.map((_, i) => `step ${i}`),
+                                      overall: undefined, score_kind: undefined, scores: undefined }] });
+    window.app.canvas.setDirty(true, true);
+    return true;
+  }, id);
+  await page.waitForTimeout(600);
+  out.big = await readGate(page, id);
+  out.big.steps = out.big.steps?.slice(0, 2);
+  out.big.first = await page.evaluate((id) => window.app.graph.getNodeById(id).vortaGates.steps.slice(0, 2), id);
+  return out;
 }

@@ -250,3 +250,49 @@ def test_gguf_quantized_model_routes_and_equals_the_reference(server):
     # the quantized weights really were used: not the float model's result
     server.run(wan_prompt("wan_live.safetensors", prefix="gguf_float", tile="1,2,3", window="1,3,1"))
     assert not torch.equal(fast, saved_latent(server, "gguf_float"))
+
+
+def test_gate_view_says_why_with_the_routers_probabilities(server):
+    """File router: each step of both gate views carries the router's probabilities (the predicted
+    view from the same step context its table comes from); the chosen branch is the argmax here (no
+    head under tau_sparse), and the summary adds the chosen branch's mean probability."""
+    from nodes.gate_data import decode_scores
+
+    entry = server.run(wan_prompt("wan_live.safetensors", prefix="why_p"))
+    for node in ("9", "10"):
+        g = gates(entry, node)
+        assert g["score_kind"] == "probability" and "tau" not in g and len(g["scores"]) == len(g["steps"]) == 3
+        for table, enc in zip(g["steps"], g["scores"]):
+            p = decode_scores("probability", enc, g["blocks"], g["heads"])
+            assert torch.allclose(p.sum(-1), torch.ones(g["blocks"], g["heads"]), atol=2 / 255)
+            assert "".join(str(int(i)) for i in p.argmax(-1).reshape(-1)) == table
+        assert g["overall"] == pytest.approx([sum(s.count(str(i)) for s in g["steps"]) / 12 for i in range(3)])
+        assert "chosen p" in entry["outputs"][node]["text"][0]
+    assert gates(entry, "9")["scores"] == gates(entry, "10")["scores"]
+
+
+def test_gate_view_says_why_with_the_training_free_routers_errors(server):
+    """Training-free router: once its measurements exist (a second run measures nothing: they are
+    cached), the executed view carries the measured errors (full's 0) behind each routed step, and
+    its tau; the summary adds the chosen branch's mean error."""
+    from nodes.gate_data import decode_scores
+
+    p = wan_prompt("unused", prefix="why_e")
+    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": 10.0, "warmup_percent": 0.0, "bins": 2,
+                                                                   "rows": 16, "seed": 0}}
+    p["7"]["inputs"]["steps"] = p["9"]["inputs"]["steps"] = 4
+    p.pop("10")
+    server.run(p)
+    p["7"]["inputs"]["seed"] = 1  # a new run of the same model, grid and schedule: routed from the measurements
+    entry = server.run(p)
+    g = gates(entry, "9")
+    assert g.get("score_kind") == "error" and g["tau"] == 10.0 and len(g["scores"]) == 4, g
+    measured = [i for i, enc in enumerate(g["scores"]) if enc is not None]
+    assert measured, g
+    for i in measured:
+        e = decode_scores("error", g["scores"][i], g["blocks"], g["heads"])
+        assert (e[..., 0] == 0).all()
+        chosen = e.gather(-1, torch.tensor([int(c) for c in g["steps"][i]]).reshape(g["blocks"], g["heads"], 1))
+        assert not (chosen > 10.0).any()  # NaN (not measured) compares False
+        assert any(c != "0" for c in g["steps"][i]) or torch.isnan(e[..., 1:]).all()
+    assert "chosen err" in entry["outputs"]["9"]["text"][0]
