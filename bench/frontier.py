@@ -16,6 +16,8 @@ Per mix, one row per method:
 - VORTA at each tau: the training-free decision (vorta_ops.profiling: errors on r sampled query rows,
   cheapest branch within tau else full) and that routed layer (RoutingPlan.run, Triton kernels);
   relative L2 distance of the layer output from dense, and its time;
+- VORTA speed mode at each attention-work target (vorta_ops.profiling.decide_for_budget: the least
+  summed squared error that reaches the target; the "tau" column holds the target);
 - Sol-Attn at each tau (comfy_kitchen.sol_attn, the kernel core's "Model Sparse Attention" runs).
 Plus, per mix: the cost of the measurement itself (one profile_heads call) against the routed layer
 and dense, and the agreement of the r-row decisions with decisions from the exact errors over all
@@ -38,7 +40,7 @@ from vorta_ops.branches import BRANCH_NAMES, CORESET, FULL, SLIDING
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig
 from vorta_ops.plan import RoutingPlan
-from vorta_ops.profiling import branch_costs, decide_from_errors, profile_heads, sample_rows
+from vorta_ops.profiling import branch_costs, decide_for_budget, decide_from_errors, profile_heads, sample_rows
 from vorta_ops.sliding_tile import DEFAULT_WINDOW, WAN_TILE, SlidingTileConfig
 
 SHAPES = {  # name: grid, heads, head dim
@@ -48,6 +50,7 @@ SHAPES = {  # name: grid, heads, head dim
 }
 TAUS = (0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 3.0)
 SOL_TAUS = (1.0, 1.3, 1.6, 2.0)
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)  # speed mode: attention work targets (share of dense)
 KINDS = ("local", "smooth", "random")
 CFG = RoutedConfig(SlidingTileConfig(WAN_TILE, DEFAULT_WINDOW), CoresetConfig((2, 3, 2), 0.5, "q"))
 
@@ -161,6 +164,13 @@ def run_mix(shape, mix, r, device, ms):
                          rel_l2=round(rel_l2(out, dense), 5), shares=shares,
                          agree_all_rows=round(float((table == truth).float().mean()), 3),
                          agree_planted=round(sum(int(table[h]) == want[kd] for h, kd in enumerate(kinds)) / H, 3)))
+    for budget in BUDGETS:  # speed mode: the least error at each attention-work target
+        table = decide_for_budget(errors, budget, costs)
+        plan = RoutingPlan(table[None], grid, CFG)
+        out = plan.run(0, q, k, v)
+        t = ms(lambda: plan.run(0, q, k, v))
+        rows.append(dict(base, method="VORTA speed mode", tau=budget, ms=round(t, 3), speedup=round(dense_ms / t, 3),
+                         rel_l2=round(rel_l2(out, dense), 5), shares={n: round(s, 3) for n, s in plan.sparsity().items()}))
     ck = sol_attn()
     if ck is not None:
         qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, T, H, 128)
@@ -219,13 +229,14 @@ def plot(rows, path):
     mixes = list(dict.fromkeys(r["mix"] for r in rows))
     fig, axes = plt.subplots(1, len(mixes), figsize=(5.5 * len(mixes), 4.2), squeeze=False)
     for ax, mix in zip(axes[0], mixes):
-        for method, colour, marker in (("VORTA", "#009e73", "o"), ("Sol", "#d55e00", "s")):
+        for method, colour, marker, label in (("VORTA training-free", "#009e73", "o", "VORTA quality mode (tau sweep)"),
+                                              ("VORTA speed mode", "#0072b2", "^", "VORTA speed mode (work target)"),
+                                              ("Sol", "#d55e00", "s", "Sol-Attn (tau sweep)")):
             pts = sorted((r["speedup"], r["rel_l2"], r["tau"]) for r in rows
                          if r["mix"] == mix and r["method"].startswith(method))
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
-                    label="VORTA training-free (tau sweep)" if method == "VORTA" else "Sol-Attn (tau sweep)")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label)
             for s, e, t in pts:
                 ax.annotate(f"{t:g}", (s, e), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colour)
         ax.set_xlabel("speed-up vs dense cuDNN (one layer)")
@@ -249,7 +260,7 @@ def main(argv=None):
     rows = []
     for m in a.mixes.split(","):
         rows += run_mix(a.shape, tuple(int(x) for x in m.split("/")), a.rows, device, ms)
-        for r in rows[-(len(TAUS) + len(SOL_TAUS) + 2):]:
+        for r in rows[-(len(TAUS) + len(BUDGETS) + len(SOL_TAUS) + 2):]:
             print(r)
     cmp = compare(rows)
     import triton

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from vorta_ops.measured import save_measured
 from vorta_ops.router_io import RouterFileError, load_router
 
-from .training_free import DEFAULT_TAU, TrainingFreeProvider
+from .training_free import DEFAULT_TAU, MODES, TrainingFreeProvider
 
 FOLDER = "vorta_routers"
 TABLES = "tables"  # subfolder of the first vorta_routers path: the training-free router's measurements
@@ -86,6 +86,12 @@ class VortaTrainingFreeRouter(io.ComfyNode):
                              tooltip="Spans of the rest of the denoising; the first step of each is measured."),
                 io.Int.Input("rows", default=256, min=16, max=4096, tooltip="Query rows sampled per head when measuring."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the row sampling (no global RNG)."),
+                io.Combo.Input("mode", options=list(MODES), default="quality", optional=True,
+                               tooltip="quality: every head within tau of full attention (tau sets the quality). speed: "
+                                       "the least error that brings attention down to target_attention_percent of dense "
+                                       "(tau * 10 still caps a head's error)."),
+                io.Float.Input("target_attention_percent", default=40.0, min=5.0, max=100.0, step=1.0, optional=True,
+                               tooltip="speed mode: the attention work to reach, in percent of dense attention."),
                 io.Boolean.Input("keep_on_disk", default=True, optional=True,
                                  tooltip=f"Keep the measurements in models/{FOLDER}/{TABLES}, keyed by the model's weights "
                                          "(LoRAs and strengths included), grid, sigmas, CFG and branch settings: a rerun "
@@ -95,9 +101,11 @@ class VortaTrainingFreeRouter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, tau, warmup_percent, bins, rows, seed, keep_on_disk=True) -> io.NodeOutput:
+    def execute(cls, tau, warmup_percent, bins, rows, seed, mode="quality", target_attention_percent=40.0,
+                keep_on_disk=True) -> io.NodeOutput:
         cache = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], TABLES) if keep_on_disk else None
-        return io.NodeOutput(TrainingFreeProvider(tau, warmup_percent / 100.0, bins, rows, seed, cache_dir=cache))
+        return io.NodeOutput(TrainingFreeProvider(tau, warmup_percent / 100.0, bins, rows, seed, cache_dir=cache, mode=mode,
+                                                  target=target_attention_percent / 100.0))
 
 
 class VortaSaveMeasuredRouter(io.ComfyNode):

@@ -30,7 +30,7 @@ import torch
 
 from vorta_ops.branches import FULL, N_BRANCHES
 from vorta_ops.measured import ErrorCache, MeasuredTable, span_key
-from vorta_ops.profiling import branch_costs, decide_from_errors, profile_heads, sample_rows
+from vorta_ops.profiling import branch_costs, decide_for_budget, decide_from_errors, profile_heads, sample_rows
 
 from .models import ModelSpec
 from .providers import SharedOnCopy, StepContext
@@ -68,7 +68,19 @@ def spans_of_schedule(schedule, ends_at_zero: bool, warmup: float, bins: int) ->
     return spans
 
 
-def _decide(errors, tau, costs, prev, margin, dense_block0: bool) -> torch.Tensor:
+MODES = ("quality", "speed")
+
+
+def _decide(errors, tau, costs, prev, margin, dense_block0: bool, mode: str = "quality", target: float = 1.0) -> torch.Tensor:
+    """quality: per head the cheapest branch within tau (hysteresis from prev); speed: the least
+    squared error that brings the step's attention work to ``target`` of dense (block 0 counted full
+    when it stays dense), no head above tau * 10 (a floor against a random head on a sparse branch)."""
+    if mode == "speed":
+        fixed = None
+        if dense_block0:
+            fixed = torch.zeros(errors.shape[:-1], dtype=torch.bool)
+            fixed[0] = True
+        return decide_for_budget(errors, target, costs, max_error=10.0 * tau if tau > 0 else None, fixed=fixed)
     table = decide_from_errors(errors, tau, costs, prev=prev, margin=margin)
     if dense_block0:
         table[0] = FULL
@@ -80,7 +92,8 @@ class TrainingFreeProvider(SharedOnCopy):
     wants_fingerprint = True  # the OUTER_SAMPLE wrapper computes the weights' fingerprint for the disk cache
 
     def __init__(self, tau: float = DEFAULT_TAU, warmup: float = 0.1, bins: int = 4, rows: int = 256, seed: int = 0,
-                 dense_block0: bool = True, cache_dir=None, hysteresis: float = DEFAULT_HYSTERESIS):
+                 dense_block0: bool = True, cache_dir=None, hysteresis: float = DEFAULT_HYSTERESIS, mode: str = "quality",
+                 target: float = 0.4):
         if not tau >= 0:
             raise ValueError(f"tau must be >= 0, got {tau}")
         if not 0.0 <= warmup < 1.0:
@@ -89,6 +102,11 @@ class TrainingFreeProvider(SharedOnCopy):
             raise ValueError(f"bins and rows must be at least 1, got {bins} and {rows}")
         if not hysteresis >= 0:
             raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target must be a share of dense attention work in (0, 1], got {target}")
+        self.mode, self.target = mode, float(target)
         self.tau, self.warmup, self.bins, self.rows, self.seed = float(tau), float(warmup), int(bins), int(rows), int(seed)
         self.dense_block0 = dense_block0
         self.hysteresis = float(hysteresis)
@@ -106,8 +124,8 @@ class TrainingFreeProvider(SharedOnCopy):
     heads = 0
 
     def describe(self) -> str:
-        return (f"training-free router: tau {self.tau:g}, warm-up {self.warmup:.0%}, {self.bins} bins, "
-                f"{self.rows} sampled rows")
+        rule = f"tau {self.tau:g}" if self.mode == "quality" else f"speed: {self.target:.0%} of dense attention work"
+        return f"training-free router: {rule}, warm-up {self.warmup:.0%}, {self.bins} bins, {self.rows} sampled rows"
 
     def check_fits(self, spec: ModelSpec) -> None:
         """Any supported model fits: the router measures the model it is applied to (nothing is kept)."""
@@ -188,12 +206,13 @@ class TrainingFreeProvider(SharedOnCopy):
         if errors is None:
             return None
         store = self._measured(ctx)
-        ck = (id(store), self._key(ctx, span), self.tau, self.hysteresis)
+        ck = (id(store), self._key(ctx, span), self.tau, self.hysteresis, self.mode, self.target)
         table = self._decisions.get(ck)
         if table is None:
-            prev_span = self._previous_span(ctx, span)
+            prev_span = self._previous_span(ctx, span) if self.mode == "quality" else None
             prev = self.decision(ctx, prev_span) if prev_span is not None else None
-            table = _decide(errors, self.tau, branch_costs(ctx.cfg, ctx.grid), prev, self.hysteresis, self.dense_block0)
+            table = _decide(errors, self.tau, branch_costs(ctx.cfg, ctx.grid), prev, self.hysteresis, self.dense_block0,
+                            self.mode, self.target)
             self._decisions[ck] = table
         return table.clone()
 
@@ -235,7 +254,7 @@ class TrainingFreeProvider(SharedOnCopy):
         distilled = len(ctx.schedule) <= DISTILLED_STEPS and ctx.ends_at_zero
         meta = {"grid": ",".join(map(str, ctx.grid)), "branches": repr(ctx.cfg), "rows": self.rows, "seed": self.seed,
                 "cfg_scale": ctx.cfg_scale, "fingerprint": ctx.fingerprint, "last_dense": "1" if distilled else "0",
-                "steps": len(ctx.schedule)}
+                "steps": len(ctx.schedule), "mode": self.mode, "target": self.target}
         return MeasuredTable(ctx.spec.family, [s for s, _ in found], torch.stack([e for _, e in found]).float(),
                              self.tau, self.warmup, self.dense_block0, meta)
 
@@ -280,8 +299,10 @@ class MeasuredTableProvider(SharedOnCopy):
         ck = (i, ctx.grid, ctx.cfg)
         if ck not in self._decisions:
             prev = self.decision(i - 1, ctx) if i > 0 else None
+            meta = self.measured.meta
             self._decisions[ck] = _decide(self.measured.errors[i], self.measured.tau, branch_costs(ctx.cfg, ctx.grid),
-                                          prev, self.hysteresis, self.measured.dense_block0)
+                                          prev, self.hysteresis, self.measured.dense_block0, meta.get("mode", "quality"),
+                                          float(meta.get("target", 1.0)))
         return self._decisions[ck].clone()
 
     def table(self, ctx: StepContext) -> torch.Tensor:
@@ -320,7 +341,10 @@ class Profiler:
         """The block's branches by the errors measured so far in this step (the measured step routes
         too, by its own measurement): int8 [heads]."""
         p = self.provider
-        row = decide_from_errors(self.errors[block], p.tau, self.costs)
+        if p.mode == "speed":  # the block's own share of the target (the step's later spans balance it over blocks)
+            row = decide_for_budget(self.errors[block], p.target, self.costs, max_error=10.0 * p.tau if p.tau > 0 else None)
+        else:
+            row = decide_from_errors(self.errors[block], p.tau, self.costs)
         if p.dense_block0 and block == 0:
             row.fill_(FULL)
         return row

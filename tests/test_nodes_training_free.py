@@ -334,3 +334,21 @@ def test_hysteresis_keeps_a_head_on_its_branch_while_its_error_stays_near_tau():
     assert prov.table(c5).tolist() == [[SLIDING] * H] * 2  # kept: no flicker to full
     prov.hysteresis = 0.0
     assert prov.table(c5).tolist() == [[FULL] * H] * 2  # without hysteresis it would flip
+
+
+def test_speed_mode_meets_the_target_with_the_least_error():
+    """speed mode, target 62% of dense: the routed steps reach it, taking the heads with the smallest
+    errors first: the random heads stay full (the local and redundant heads alone reach the target)."""
+    from vorta_ops.profiling import branch_costs
+
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64, mode="speed", target=0.62, dense_block0=False)
+    state, run, _ = sample(prov)
+    costs = branch_costs(state.routed_config((4, 8, 8)), (4, 8, 8)).tolist()
+    costs[FULL] = 1.0
+    for rec in list(run.steps.values())[1:]:
+        work = sum(costs[int(b)] for b in rec.table.reshape(-1)) / rec.table.numel()
+        assert work <= 0.62 + 1e-9, rec.table.tolist()
+        assert rec.table[:, 2].tolist() == [FULL, FULL] and int((rec.table != FULL).sum()) >= 4, rec.table.tolist()
+    assert "speed: 62% of dense attention work" in prov.describe()
+    with pytest.raises(ValueError, match="mode"):
+        TrainingFreeProvider(mode="fast")

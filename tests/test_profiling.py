@@ -350,3 +350,63 @@ def test_profile_dict_is_json_safe_and_checked():
         HeadProfile.from_dict({**d, "format": 99})
     with pytest.raises(ValueError, match="branches"):
         HeadProfile.from_dict({**d, "branches": ["full", "sliding_tile", "coreset"]})
+
+
+# ---- speed mode: decide_for_budget -------------------------------------------------------------
+
+
+def _work_and_sq_error(choice, errors, costs):
+    c = [1.0 if b == FULL else costs[b] for b in range(len(costs))]
+    work = sum(c[int(b)] for b in choice)
+    err = sum(float(errors[h, int(b)]) ** 2 if int(b) != FULL else 0.0 for h, b in enumerate(choice))
+    return work, err
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_budget_decision_is_optimal_for_the_work_it_reaches(seed):
+    """Against every assignment of 5 heads to 3 branches: the greedy choice meets the budget when it
+    can, and no assignment with at most the same work has a smaller summed squared error."""
+    import itertools
+
+    from vorta_ops.profiling import decide_for_budget
+
+    g = torch.Generator().manual_seed(seed)
+    errors = torch.rand(5, 3, generator=g) * 1.5
+    errors[:, FULL] = 0.0
+    errors[int(torch.randint(5, (1,), generator=g)), CORESET] = float("nan")  # an unmeasured branch is never used
+    costs = [1.0, 0.5, 0.22]
+    for budget in (1.0, 0.8, 0.6, 0.45, 0.3, 0.22):
+        choice = decide_for_budget(errors, budget, costs)
+        work, err = _work_and_sq_error(choice.tolist(), errors.nan_to_num(float("inf")), costs)
+        best = {}
+        for combo in itertools.product(range(3), repeat=5):
+            w, e = _work_and_sq_error(combo, errors.nan_to_num(float("inf")), costs)
+            best.setdefault(round(w, 9), e)
+            best[round(w, 9)] = min(best[round(w, 9)], e)
+        feasible = [w for w, e in best.items() if w <= budget * 5 + 1e-9 and e < float("inf")]
+        if feasible:
+            assert work <= budget * 5 + 1e-9, (budget, choice.tolist())
+        assert err <= min(e for w, e in best.items() if w <= work + 1e-9) + 1e-9, (budget, choice.tolist())
+
+
+def test_budget_decision_monotone_with_floor_and_fixed_heads():
+    from vorta_ops.profiling import decide_for_budget
+
+    g = torch.Generator().manual_seed(3)
+    errors = torch.rand(4, 8, 3, generator=g)
+    errors[..., FULL] = 0.0
+    costs = [1.0, 0.5, 0.2]
+    last = -1.0
+    for budget in (1.0, 0.9, 0.7, 0.5, 0.3, 0.2):  # a smaller budget never lowers the error
+        ch = decide_for_budget(errors, budget, costs)
+        err = float(errors.gather(-1, ch.long()[..., None]).pow(2).sum())
+        assert err >= last - 1e-12
+        last = err
+    fixed = torch.zeros(4, 8, dtype=torch.bool)
+    fixed[0] = True
+    ch = decide_for_budget(errors, 0.2, costs, max_error=0.5, fixed=fixed)
+    assert bool((ch[0] == FULL).all())
+    used = errors.gather(-1, ch.long()[..., None])[..., 0]
+    assert float(used.max()) <= 0.5  # the floor holds even when the budget is out of reach
+    with pytest.raises(ValueError, match="budget"):
+        decide_for_budget(errors, -0.1, costs)

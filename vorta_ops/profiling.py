@@ -39,7 +39,8 @@ from .dispatch import RoutedConfig
 from .layout import check_grid
 from .sliding_tile import SlidingTileConfig
 
-__all__ = ["sample_rows", "profile_heads", "chunk_heads", "decide_from_errors", "branch_costs", "HeadProfile"]
+__all__ = ["sample_rows", "profile_heads", "chunk_heads", "decide_from_errors", "decide_for_budget", "branch_costs",
+           "HeadProfile"]
 
 PROFILE_FORMAT = 1  # HeadProfile.to_dict()'s "format"; bump when the fields change
 # fp32 working set of one chunk of heads in profile_heads (see chunk_heads): 2 GiB, about 1.5 GiB
@@ -335,6 +336,66 @@ def decide_from_errors(errors, tau: float, costs=None, *, prev=None, margin: flo
         keep = (prev != FULL) & (prev_err <= tau * (1.0 + float(margin)))
         choice = torch.where(keep, prev, choice)
     return choice.to(torch.int8)
+
+
+
+def decide_for_budget(errors, budget: float, costs, *, max_error: float | None = None, fixed=None) -> torch.Tensor:
+    """Speed mode: per head the branches that bring the attention work down to at most ``budget``
+    (a share of dense, averaged over all heads given) with the least summed squared error.
+
+    errors: float [..., H, N_BRANCHES] as for decide_from_errors; costs: [N_BRANCHES] relative
+    costs (full's is taken as 1). max_error: a branch whose error is above it is never used (a
+    quality floor under the speed target). fixed: optional bool [..., H], heads kept full (they
+    count at full cost). The squared errors of the heads add up the way a layer's relative L2
+    distance does, so the greedy walk below takes the cheapest error per unit of work saved first:
+    every head's options form a lower convex hull in (work saved, squared error), the hull segments
+    of all heads go in order of their slope, and the walk stops as soon as the work is within
+    budget (optimal up to the last segment). A budget it cannot meet leaves every usable head on
+    its cheapest usable branch. Returns int8 [..., H].
+    """
+    errors = torch.as_tensor(errors).to("cpu", torch.float64)
+    if errors.dim() < 1 or errors.shape[-1] != N_BRANCHES:
+        raise ValueError(f"errors must be [..., H, {N_BRANCHES}] (branches {list(BRANCH_NAMES)}), got {tuple(errors.shape)}")
+    if not 0.0 <= float(budget):
+        raise ValueError(f"budget must be a share of dense attention work >= 0, got {budget}")
+    costs = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)
+    if costs.numel() != N_BRANCHES:
+        raise ValueError(f"costs must hold {N_BRANCHES} values (one per branch, {list(BRANCH_NAMES)}), got {costs.numel()}")
+    shape = errors.shape[:-1]
+    flat = errors.reshape(-1, N_BRANCHES)
+    keep_full = torch.zeros(flat.shape[0], dtype=torch.bool) if fixed is None else torch.as_tensor(fixed).reshape(-1).bool()
+    choice = torch.full((flat.shape[0],), FULL, dtype=torch.long)
+    c = costs.tolist()
+    c[FULL] = 1.0
+    segments = []  # (slope, work saved, head, branch)
+    for h in range(flat.shape[0]):
+        if bool(keep_full[h]):
+            continue
+        pts = [(0.0, 0.0, FULL)]  # (work saved vs full, squared error, branch)
+        for b in range(N_BRANCHES):
+            e = float(flat[h, b])
+            if b == FULL or not math.isfinite(e) or c[b] >= 1.0 or (max_error is not None and e > max_error):
+                continue
+            pts.append((1.0 - c[b], e * e, b))
+        pts.sort(key=lambda p: (p[0], p[1]))
+        hull = []  # lower convex hull from full towards cheaper branches (slopes rise along it)
+        for p in pts:
+            if hull and p[0] == hull[-1][0]:
+                continue  # the same work at no less error
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) / (hull[-1][0] - hull[-2][0]) >= \
+                    (p[1] - hull[-1][1]) / (p[0] - hull[-1][0]):
+                hull.pop()
+            hull.append(p)
+        for (s0, e0, _), (s1, e1, b1) in zip(hull, hull[1:]):
+            segments.append(((e1 - e0) / (s1 - s0), s1 - s0, h, b1))
+    work = float(sum(1.0 if choice[h] == FULL else c[int(choice[h])] for h in range(flat.shape[0])))
+    target = float(budget) * flat.shape[0]
+    for slope, saved, h, b in sorted(segments, key=lambda s: (s[0], s[2])):
+        if work <= target + 1e-9:
+            break
+        choice[h] = b
+        work -= saved
+    return choice.reshape(shape).to(torch.int8)
 
 
 # ---- the stored profile ----------------------------------------------------------------------
