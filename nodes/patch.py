@@ -300,7 +300,11 @@ class VortaRun(SharedOnCopy):
 
     def close_profile(self) -> None:
         if self.open_profile is not None:
-            self.open_profile[1].finish()
+            key, profiler = self.open_profile
+            profiler.finish()
+            for rec in self.steps.values():  # the measured step's own "why", known only now
+                if rec.scores is None and round(rec.timestep, 4) == key:
+                    rec.scores = ("error", profiler.errors.clone())
             self.open_profile = None
 
     @property

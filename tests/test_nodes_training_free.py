@@ -91,6 +91,9 @@ def test_measures_span_starts_routes_them_by_their_own_errors_and_the_rest_of_ea
         out = next(o for (sg, b), o in outs.items() if b == 1 and abs(sg - sigma) < 1e-6)
         torch.testing.assert_close(out, ref.transpose(1, 2).reshape(1, -1, H * D))
     assert run.summary().count("sliding_tile") == 1 and "full 62.5%" in run.summary()  # 5/8 of the head-calls
+    # every routed step can say why (the gate view): the measured ones too, once their measurement closed
+    assert all(r.scores is not None and r.scores[0] == "error" for r in run.steps.values())
+    torch.testing.assert_close(run.steps[0].scores[1], run.steps[1].scores[1])
 
 
 def test_spans_at_quantiles_of_the_schedule_and_distilled_schedules():
