@@ -1,0 +1,348 @@
+"""End to end on ComfyUI's own model code: seconds per denoising step, peak memory and fidelity of
+VORTA against ComfyUI core's sparse attention (Sol-Attn) and the dense backends, in one run (GPU; a
+benchmark, not a test).
+
+    python -m bench.e2e --comfy PATH_TO_COMFYUI_TREE [--models wan1.3b-480p,wan14b-720p] [--steps 5]
+
+How the models are made and sampled (nothing is downloaded; speed does not depend on the weights):
+- ComfyUI's WanModel is built on the meta device with the real configuration, a random bf16 state
+  dict is made from its shapes (matrices N(0, 0.02), vectors N(0, 0.01), norm weights 1), and
+  comfy.sd.load_diffusion_model_state_dict loads it, as the UNETLoader does: model detection, config,
+  ModelPatcher. Wan 2.1 14B at 720p runs with fewer blocks than its 40 (``--blocks14b``, default 8;
+  every block is the same, so seconds per step scale with the block count: the table gives the
+  measured figure and the 40-block estimate).
+- Every method samples the same latent (Wan 2.1 480p x 81 frames = 16x21x60x104; 720p = 16x21x90x160)
+  with comfy.sample.sample (euler, simple schedule, CFG 5: cond and uncond batched as ComfyUI does),
+  the same seed and random text conditioning [1, 512, 4096]. Step 0 (cold caches, autotuning) and
+  the last step are not timed; the steps between are, from the sampler callback with a device sync.
+- VORTA is applied by nodes.patch.apply_vorta on a ModelPatcher clone, exactly as the VORTA Apply
+  node does. Sol-Attn is installed the way core installs it: an optimized_attention_override that
+  sends self-attention (>= 12288 tokens, head dim 128, no mask) to comfy_kitchen.sol_attn and
+  everything else on (no dense start steps or dense blocks for either method: kernels compared).
+- Random weights make every head diffuse, which no sparse method is made for. A second variant,
+  "structured", gives 60% of each block's heads a shared per-head bias on the q and k projections:
+  after Wan's own RMSNorm and 3D RoPE those heads' scores then fall off with 3D distance (local
+  heads, as real video DiTs have); the other heads stay random.
+- Fidelity, same seed and inputs: each step's denoised prediction (the sampler callback's x0)
+  against dense cuDNN's (relative L2, cosine; mean over the steps) and the final latent's PSNR
+  (peak = the dense final latent's max - min). Weights are random: quality with real weights is for
+  users to confirm (VORTA Fidelity Check node).
+
+Writes bench/results/e2e-<gpu>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODELS = {  # name: ComfyUI WanModel config, latent [C, T, H, W], blocks actually built
+    "wan1.3b-480p": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 21, 60, 104), 30),
+    "wan14b-720p": (dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40), (16, 21, 90, 160), 8),
+    "tiny": (dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2), (16, 3, 8, 12), 2),  # CPU smoke run
+}
+SOL_TAUS = (1.0, 1.3, 2.0)
+SOL_MIN_TOKENS = 12288  # core's node leaves shorter sequences dense
+STRUCTURED_SHARE = 0.6
+
+
+def setup_comfy(path: str):
+    sys.path.insert(0, str(Path(path).resolve()))
+    argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management  # noqa: F401  (parses the args)
+    import comfy.sample  # noqa: F401
+    import comfy.sd  # noqa: F401
+
+    sys.argv = argv
+
+
+def random_state_dict(cfg, blocks, device, dtype, structured: bool, seed=0):
+    """The WanModel's state dict shapes, filled at random on ``device`` (see the module docstring)."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    with torch.device("meta"):
+        meta = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, freq_dim=256, text_dim=4096,
+                        operations=comfy.ops.disable_weight_init, **dict(cfg, num_layers=blocks))
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for name, p in meta.state_dict().items():
+        t = torch.empty(p.shape, device=device, dtype=dtype)
+        if "norm" in name and name.endswith("weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02 if p.dim() > 1 else 0.01, generator=g)
+        sd[name] = t
+    if structured:
+        heads, dim = cfg["num_heads"], cfg["dim"]
+        d = dim // heads
+        cpu = torch.Generator().manual_seed(seed + 1)
+        for b in range(blocks):
+            chosen = torch.randperm(heads, generator=cpu)[: round(heads * STRUCTURED_SHARE)].tolist()
+            for h in chosen:
+                bias = torch.randn(d, generator=cpu).to(device, dtype)
+                for proj in ("q", "k"):  # the same bias on q and k: after RoPE, q.k falls off with distance
+                    sd[f"blocks.{b}.self_attn.{proj}.bias"][h * d:(h + 1) * d] = bias
+    return sd
+
+
+def load_model(sd, dtype):
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+
+
+def table_router(table, dim):
+    """A file router whose decision is ``table`` [blocks, heads] at every step."""
+    from vorta_ops.router import RouterSet
+
+    t = torch.as_tensor(table)
+    blocks, heads = t.shape
+    b = torch.zeros(blocks, heads, 3)
+    b.scatter_(-1, t.long()[..., None], 20.0)
+    return RouterSet("wan", torch.zeros(blocks, heads * 3, dim), b.reshape(blocks, heads * 3))
+
+
+def mix_table(blocks, heads, kind, seed=0):
+    from vorta_ops.branches import CORESET, SLIDING
+
+    if kind == "sliding":
+        return torch.full((blocks, heads), SLIDING, dtype=torch.int8)
+    if kind == "coreset":
+        return torch.full((blocks, heads), CORESET, dtype=torch.int8)
+    g = torch.Generator().manual_seed(seed)  # half sliding tile, half core-set, scattered per block
+    rows = []
+    for _ in range(blocks):
+        row = torch.tensor([SLIDING] * (heads // 2) + [CORESET] * (heads - heads // 2), dtype=torch.int8)
+        rows.append(row[torch.randperm(heads, generator=g)])
+    return torch.stack(rows)
+
+
+def sol_override(tau):
+    import comfy_kitchen as ck
+
+    def override(func, *args, **kwargs):
+        q, k, v = args[:3]
+        heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+        if (kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.shape != k.shape or q.dim() != 3
+                or q.shape[1] < SOL_MIN_TOKENS or q.shape[-1] // heads != 128):
+            return func(*args, **kwargs)
+        B, L, HD = q.shape
+        out = ck.sol_attn(*(x.view(B, L, heads, 128) for x in (q, k, v)), tau=tau)
+        if kwargs.get("skip_output_reshape"):
+            return out.transpose(1, 2)
+        return out.reshape(B, L, HD)
+
+    return override
+
+
+def no_self_attention(func, *args, **kwargs):
+    """Self-attention returns v unchanged (what the rest of the step costs without it)."""
+    q, k, v = args[:3]
+    if q.shape == k.shape and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape"):
+        return v
+    return func(*args, **kwargs)
+
+
+def sdpa_backend(name):
+    if not torch.cuda.is_available() or name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
+def sample(patcher, latent_shape, steps, seed, device):
+    """(per-step seconds, x0 per step, final latent, peak GiB) of one sampling run."""
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.zeros(1, *latent_shape)
+    noise = torch.randn(latent.shape, generator=g)
+    cond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
+    uncond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
+    stamps, x0s = [], []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def callback(step, x0, x, total):
+        sync()
+        stamps.append(time.perf_counter())
+        x0s.append(x0.detach().float().cpu())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    stamps.append(time.perf_counter())
+    out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", "simple", cond, uncond, latent, callback=callback,
+                              disable_pbar=True, seed=seed)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    durations = [b - a for a, b in zip(stamps, stamps[1:])]
+    return durations, x0s, out.float().cpu(), peak
+
+
+def fidelity(x0s, final, ref_x0s, ref_final):
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(x0s, ref_x0s)]
+    cos = [float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0)) for a, b in zip(x0s, ref_x0s)]
+    mse = float((final - ref_final).pow(2).mean())
+    peak = float(ref_final.max() - ref_final.min())
+    psnr = float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+    return sum(rel) / len(rel), sum(cos) / len(cos), psnr
+
+
+def run_model(name, steps, seed, device, dtype, blocks_override=None):
+    from nodes.patch import VortaOptions, apply_vorta
+    from nodes.training_free import TrainingFreeProvider
+
+    cfg, latent, blocks = MODELS[name]
+    if blocks_override:
+        blocks = blocks_override
+    rows = []
+    timed = slice(1, steps - 1)  # not step 0 (cold), not the last (a distilled rule may run it dense)
+    for variant in ("random", "structured"):
+        sd = random_state_dict(cfg, blocks, device, dtype, structured=(variant == "structured"))
+        base = load_model(sd, dtype)
+        del sd
+        spec_heads, dim = cfg["num_heads"], cfg["dim"]
+
+        def patched(kind):
+            if kind == "dense":
+                return base
+            if kind.startswith("sol"):
+                m = base.clone()
+                m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sol_override(float(kind[3:]))
+                return m
+            if kind == "no self-attention":
+                m = base.clone()
+                m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = no_self_attention
+                return m
+            if kind == "training-free":
+                return apply_vorta(base, TrainingFreeProvider(), VortaOptions(tile="official"))[0]
+            tile = "aligned" if kind.endswith("aligned") else "official"
+            mix = "sliding" if kind.startswith("all sliding") else "coreset" if kind.startswith("all core-set") else "mix"
+            return apply_vorta(base, table_router(mix_table(blocks, spec_heads, mix), dim), VortaOptions(tile=tile))[0]
+
+        methods = [("dense cuDNN SDPA", "dense", "cudnn"), ("dense flash SDPA", "dense", "flash"),
+                   ("self-attention skipped", "no self-attention", "cudnn")]
+        if variant == "random":
+            methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
+                        ("VORTA 50/50 mix, aligned tiles", "mix aligned", "cudnn"),
+                        ("VORTA all sliding tile (official)", "all sliding official", "cudnn"),
+                        ("VORTA all core-set", "all core-set official", "cudnn")]
+        else:
+            methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
+                        ("VORTA training-free (tau 0.3)", "training-free", "cudnn")]
+        methods += [(f"Sol-Attn tau {t:g} (comfy-kitchen)", f"sol{t}", "cudnn") for t in SOL_TAUS]
+        ref = None
+        for label, kind, backend in methods:
+            try:
+                m = patched(kind)
+                with sdpa_backend(backend):
+                    if kind == "training-free":
+                        sample(m, latent, steps, seed, device)  # measures (kept in memory), then the timed run
+                    durations, x0s, final, peak = sample(m, latent, steps, seed, device)
+            except Exception as e:  # one method failing must not lose the others
+                rows.append(dict(model=name, variant=variant, method=label, error=f"{type(e).__name__}: {e}"[:300]))
+                print("FAILED", name, variant, label, e, flush=True)
+                continue
+            s = durations[timed] or durations
+            sec = sum(s) / len(s)
+            row = dict(model=name, variant=variant, resolution="x".join(map(str, latent)), method=label, blocks_run=blocks,
+                       blocks_model=cfg["num_layers"], s_per_step=round(sec, 4),
+                       s_per_step_full_model=round(sec * cfg["num_layers"] / blocks, 3), peak_mem_gb=round(peak, 2))
+            if ref is None:
+                ref = (x0s, final, sec)
+            row["speedup_vs_dense"] = round(ref[2] / sec, 3)
+            if kind != "no self-attention":
+                rel, cos, psnr = fidelity(x0s, final, ref[0], ref[1])
+                row.update(rel_l2_step_mean=round(rel, 5), cosine_step_mean=round(cos, 6),
+                           psnr_final=round(psnr, 2) if math.isfinite(psnr) else "inf")
+            rows.append(row)
+            print(row, flush=True)
+        dense = next(r for r in rows if r["variant"] == variant and r["method"] == "dense cuDNN SDPA" and "s_per_step" in r)
+        skipped = next((r for r in rows if r["variant"] == variant and r["method"] == "self-attention skipped"
+                        and "s_per_step" in r), None)
+        if skipped is not None:
+            share = 1 - skipped["s_per_step"] / dense["s_per_step"]
+            for r in rows:
+                if r["variant"] == variant and r["model"] == name:
+                    r["dense_self_attention_share"] = round(share, 3)
+        del base
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def write(rows, meta, steps):
+    from bench.attention import save_results
+
+    md = [f"# End to end on ComfyUI's model code ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"ComfyUI {meta['comfyui']}, comfy-kitchen {meta['comfy_kitchen']}, Python {platform.python_version()})", "",
+          f"comfy.sample.sample, euler / simple, CFG 5 (cond + uncond batched), {steps} steps, seconds per step = the "
+          "mean of the steps between the first and the last; bf16 random weights (bench/e2e.py says how, and what "
+          "'structured' means). Fidelity: against dense cuDNN on the same seed (mean over steps of the denoised "
+          "prediction's relative L2 and cosine; final latent PSNR). Random weights: the quality of real weights is "
+          "for users to confirm (VORTA Fidelity Check node).", "",
+          "| model | weights | method | s / step (blocks run) | s / step, all blocks | x dense | peak GiB | rel. L2 | cosine | PSNR dB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['model']} | {r['variant']} | {r['method']} | failed: {r['error']} | | | | | | |")
+            continue
+        md.append(f"| {r['model']} | {r['variant']} | {r['method']} | {r['s_per_step']} ({r['blocks_run']}) | "
+                  f"{r['s_per_step_full_model']} | {r['speedup_vs_dense']} | {r['peak_mem_gb']} | {r.get('rel_l2_step_mean', '')} | "
+                  f"{r.get('cosine_step_mean', '')} | {r.get('psnr_final', '')} |")
+    shares = {(r["model"], r["variant"]): r.get("dense_self_attention_share") for r in rows if "dense_self_attention_share" in r}
+    if shares:
+        md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights): {s:.1%} (1 - step time with self-attention "
+                      f"skipped / dense step time)." for (m, v), s in shares.items()]
+    save_results("e2e", rows, meta, md)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", required=True, help="a ComfyUI source tree (e.g. 0.19.3 unpacked from ../shared/vendor)")
+    ap.add_argument("--models", default="wan1.3b-480p,wan14b-720p")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--blocks14b", type=int, default=None, help="blocks to build for wan14b-720p (default 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    setup_comfy(a.comfy)
+    sys.path.insert(0, str(ROOT))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name in a.models.split(","):
+        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks14b if name == "wan14b-720p" else None)
+    import triton
+
+    try:
+        import comfy_kitchen
+
+        ck = getattr(comfy_kitchen, "__version__", "installed")
+    except Exception:
+        ck = "not installed"
+    import comfyui_version  # noqa: F401  (ComfyUI's version module)
+
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "comfyui": getattr(sys.modules["comfyui_version"], "__version__", "?"),
+            "comfy_kitchen": ck}
+    write(rows, meta, a.steps)
+
+
+if __name__ == "__main__":
+    main()
