@@ -204,7 +204,7 @@ def fidelity(x0s, final, ref_x0s, ref_final):
     return sum(rel) / len(rel), sum(cos) / len(cos), psnr
 
 
-def run_model(name, steps, seed, device, dtype, blocks_override=None):
+def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=("random", "structured"), only=None):
     from nodes.patch import VortaOptions, apply_vorta
     from nodes.training_free import TrainingFreeProvider
 
@@ -213,7 +213,7 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None):
         blocks = blocks_override
     rows = []
     timed = slice(1, steps - 1)  # not step 0 (cold), not the last (a distilled rule may run it dense)
-    for variant in ("random", "structured"):
+    for variant in variants:
         sd = random_state_dict(cfg, blocks, device, dtype, structured=(variant == "structured"))
         base = load_model(sd, dtype)
         del sd
@@ -247,6 +247,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None):
             methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
                         ("VORTA training-free (tau 0.3)", "training-free", "cudnn")]
         methods += [(f"Sol-Attn tau {t:g} (comfy-kitchen)", f"sol{t}", "cudnn") for t in SOL_TAUS]
+        if only:  # a subset (debugging): the reference first
+            methods = methods[:1] + [m for m in methods[1:] if any(o in m[0] for o in only)]
         ref = None
         for label, kind, backend in methods:
             try:
@@ -256,8 +258,14 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None):
                         sample(m, latent, steps, seed, device)  # measures (kept in memory), then the timed run
                     durations, x0s, final, peak = sample(m, latent, steps, seed, device)
             except Exception as e:  # one method failing must not lose the others
+                import traceback
+
                 rows.append(dict(model=name, variant=variant, method=label, error=f"{type(e).__name__}: {e}"[:300]))
                 print("FAILED", name, variant, label, e, flush=True)
+                traceback.print_exc()
+                if "device-side assert" in str(e) or "illegal memory access" in str(e):
+                    print("the CUDA context is lost: no further method can run", flush=True)
+                    return rows
                 continue
             s = durations[timed] or durations
             sec = sum(s) / len(s)
@@ -273,10 +281,11 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None):
                            psnr_final=round(psnr, 2) if math.isfinite(psnr) else "inf")
             rows.append(row)
             print(row, flush=True)
-        dense = next(r for r in rows if r["variant"] == variant and r["method"] == "dense cuDNN SDPA" and "s_per_step" in r)
+        dense = next((r for r in rows if r["variant"] == variant and r["method"] == "dense cuDNN SDPA"
+                      and "s_per_step" in r), None)
         skipped = next((r for r in rows if r["variant"] == variant and r["method"] == "self-attention skipped"
                         and "s_per_step" in r), None)
-        if skipped is not None:
+        if skipped is not None and dense is not None:
             share = 1 - skipped["s_per_step"] / dense["s_per_step"]
             for r in rows:
                 if r["variant"] == variant and r["model"] == name:
@@ -320,6 +329,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blocks14b", type=int, default=None, help="blocks to build for wan14b-720p (default 8)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="random,structured")
+    ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
     a = ap.parse_args(argv)
     setup_comfy(a.comfy)
     sys.path.insert(0, str(ROOT))
@@ -327,7 +338,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name in a.models.split(","):
-        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks14b if name == "wan14b-720p" else None)
+        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks14b if name == "wan14b-720p" else None,
+                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o])
     import triton
 
     try:

@@ -23,14 +23,22 @@ log = logging.getLogger("vorta")
 SAMPLES = 16  # values read per tensor
 
 
+def sample_index(n: int, k: int = SAMPLES) -> torch.Tensor:
+    """k positions spread evenly over [0, n), the first and the last included, in exact integer
+    arithmetic (a float linspace rounds past n - 1 beyond 2**24 elements)."""
+    k = min(k, n)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.long)
+    return torch.arange(k, dtype=torch.long) * (n - 1) // (k - 1)
+
+
 def _tensor_digest(h, t: torch.Tensor) -> None:
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
     try:
         flat = t.detach().reshape(-1)
         n = flat.numel()
         if n:
-            idx = torch.linspace(0, n - 1, min(SAMPLES, n)).round().long().to(flat.device)
-            vals = flat.index_select(0, idx).to("cpu", torch.float64)
+            vals = flat.index_select(0, sample_index(n).to(flat.device)).to("cpu", torch.float64)
             h.update(vals.numpy().tobytes())
     except Exception:  # quantized / offloaded storage that cannot be indexed: shape and dtype only
         h.update(b"?")

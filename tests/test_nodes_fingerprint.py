@@ -55,3 +55,14 @@ def test_any_change_of_weights_lora_strength_or_dtype_changes_it():
 
 def test_unreadable_model_gives_none():
     assert model_fingerprint(object()) is None
+
+
+def test_sample_positions_stay_inside_large_tensors():
+    """A 14B model's FFN weight has 70,778,880 values: float32 cannot hold n - 1 there, and an index
+    past the end is a device-side assert on a GPU (found by bench.e2e on the H200)."""
+    from nodes.fingerprint import sample_index
+
+    for n in (1, 2, 17, 2**24 + 3, 5120 * 13824, 2**31 + 5):
+        idx = sample_index(n)
+        assert idx.dtype == torch.long and int(idx[0]) == 0 and int(idx[-1]) == n - 1 and int(idx.max()) < n
+        assert bool((idx[1:] > idx[:-1]).all()) if n > 1 else idx.tolist() == [0]
