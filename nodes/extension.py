@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import VortaApply
 from .calibration import VortaCalibrationReport
+from .fidelity import VortaFidelityCheck
 from .patch import options_error
 from .gate_view import VortaGateVisualizer
 from .prompt_check import mark_prompt
@@ -16,7 +17,7 @@ from .router_loader import VortaRouterLoader, VortaSaveMeasuredRouter, VortaTrai
 
 class VortaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [VortaRouterLoader, VortaTrainingFreeRouter, VortaSaveMeasuredRouter, VortaApply, VortaGateVisualizer, VortaCalibrationReport]
+        return [VortaRouterLoader, VortaTrainingFreeRouter, VortaSaveMeasuredRouter, VortaApply, VortaGateVisualizer, VortaCalibrationReport, VortaFidelityCheck]
 
 
 def _passes_model(class_type: str, slot: int) -> bool:
