@@ -134,15 +134,16 @@ def run_shape(name, spec, rs, iters, before=None):
     for r in rs:
         rows = sample_rows(grid, r, seed=0).to(q.device)  # on the GPU, as the router passes them
         chunk = min(H, chunk_heads(BATCH, L, HEAD_DIM, r))
-        variants = [(f"profile r={r} chunked", chunk, profile_heads),
-                    (f"profile r={r} one head at a time", 1, profile_heads)]
-        if chunk < H:  # what a larger budget would buy
-            variants.append((f"profile r={r} all heads at once", H, profile_heads))
+        # (label, heads per chunk, method): the fused-attention default, the exact fp32 reference path
+        variants = [(f"profile r={r} sdpa (default)", None, "sdpa"),
+                    (f"profile r={r} exact, chunked", chunk, "exact"),
+                    (f"profile r={r} exact, one head at a time", 1, "exact")]
         if before is not None:
-            variants.append((f"profile r={r} before (--before)", None, before.profile_heads))
-        ref = profile_heads(q, k, v, grid, CFG, rows, heads_per_chunk=1)
-        for method, chunk, fn in variants:
-            kw = {} if chunk is None else dict(heads_per_chunk=chunk)
+            variants.append((f"profile r={r} before (--before)", None, None))
+        ref = profile_heads(q, k, v, grid, CFG, rows, heads_per_chunk=1, method="exact")
+        for method, chunk, how in variants:
+            fn = profile_heads if how is not None else before.profile_heads
+            kw = {} if how is None else dict(method=how) if chunk is None else dict(heads_per_chunk=chunk, method=how)
             call = lambda: fn(q, k, v, grid, CFG, rows, **kw)  # noqa: E731
             e = call()
             rel = float(((e - ref).abs() / ref.abs().clamp_min(1e-30)).max())

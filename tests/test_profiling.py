@@ -109,9 +109,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("method", ["exact", "sdpa"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_profile_equals_the_branches_own_outputs_on_the_rows(case):
-    """The profiler's row-only core-set and sliding tile give what the branches give at those rows."""
+def test_profile_equals_the_branches_own_outputs_on_the_rows(case, method):
+    """The profiler's row-only core-set and sliding tile give what the branches give at those rows,
+    by explicit fp32 score matrices ("exact") and by fused attention ("sdpa", fp32 inputs here)."""
     c = CASES[case]
     cfg, npre, nsuf = c["cfg"], c["n_prefix"], c["n_suffix"]
     q, k, v = synthetic_video_qkv(GRID, heads=4, head_dim=D, batch=2, seed=3)
@@ -124,7 +126,7 @@ def test_profile_equals_the_branches_own_outputs_on_the_rows(case):
         kv_mask = torch.ones(2, n, dtype=torch.bool)
         kv_mask[1, -2:] = False  # padded text tokens of sample 1
     rows = sample_rows(GRID, 48, n_prefix=npre, seed=2)
-    e = profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask)
+    e = profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, method=method)
     assert e.dtype == torch.float32 and e.shape == (4, N_BRANCHES)
     dense = full_attention(q, k, v, kv_mask=kv_mask)
     core = coreset_attention(q, k, v, GRID, cfg.coreset, npre, nsuf, kv_mask=kv_mask)
@@ -164,6 +166,34 @@ def test_heads_in_chunks_give_what_one_head_at_a_time_gives(case, key_block, mon
         torch.testing.assert_close(e, one_by_one, rtol=1e-6, atol=0, msg=f"heads_per_chunk={chunk}")
     with pytest.raises(ValueError, match="heads_per_chunk"):
         profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, heads_per_chunk=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_method_in_bf16_is_close_to_exact_and_decides_alike(case):
+    """bf16 inputs: the fused-attention errors sit within 0.02 of the exact ones (the outputs'
+    rounding), the planted heads' decisions are the same, and the sdpa chunks agree."""
+    c = CASES[case]
+    cfg, npre, nsuf = c["cfg"], c["n_prefix"], c["n_suffix"]
+    q, k, v = (x.bfloat16() for x in planted_heads())
+    g = torch.Generator().manual_seed(2)
+    extra = lambda n: torch.randn(1, 4, n, D, generator=g).bfloat16()  # noqa: E731
+    q, k, v = (torch.cat((extra(npre), x, extra(nsuf)), 2) for x in (q, k, v))
+    kv_mask = None
+    if c["mask"]:
+        kv_mask = torch.ones(1, q.shape[2], dtype=torch.bool)
+        kv_mask[0, -2:] = False
+    rows = sample_rows(GRID, 64, n_prefix=npre, seed=1)
+    exact = profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, method="exact")
+    fused = profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, method="sdpa")
+    assert float((fused - exact).abs().max()) < 0.02, (fused, exact)
+    costs = branch_costs(cfg, GRID)
+    assert torch.equal(decide_from_errors(fused, TAU, costs), decide_from_errors(exact, TAU, costs))
+    for chunk in (1, 3):
+        torch.testing.assert_close(
+            profile_heads(q, k, v, GRID, cfg, rows, npre, nsuf, kv_mask, method="sdpa", heads_per_chunk=chunk), fused,
+            atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        profile_heads(q, k, v, GRID, cfg, rows, method="fast")
 
 
 def test_weighted_sum_blocked_by_keys_is_the_product(monkeypatch):
