@@ -23,6 +23,9 @@ How the models are made and sampled (nothing is downloaded; speed does not depen
   "structured", gives 60% of each block's heads a shared per-head bias on the q and k projections:
   after Wan's own RMSNorm and 3D RoPE those heads' scores then fall off with 3D distance (local
   heads, as real video DiTs have); the other heads stay random.
+- Also: comfy-kitchen's INT8 attention as a dense backend (every unmasked call), core's EasyCache alone and
+  on top of VORTA (its node's defaults; the timed steps include the ones it skips), and VORTA's set-up host
+  time per step (router table + routing plan, summed over the step's model calls).
 - Fidelity, same seed and inputs: each step's denoised prediction (the sampler callback's x0)
   against dense cuDNN's (relative L2, cosine; mean over the steps) and the final latent's PSNR
   (peak = the dense final latent's max - min). Weights are random: quality with real weights is for
@@ -148,6 +151,53 @@ def sol_override(tau):
     return override
 
 
+def int8_override(func, *args, **kwargs):
+    """comfy-kitchen's INT8 attention for every call without a mask (a dense INT8 backend)."""
+    import comfy_kitchen as ck
+
+    q, k, v = args[:3]
+    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+    if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.dim() != 3:
+        return func(*args, **kwargs)
+    B = q.shape[0]
+    q4, k4, v4 = (x.view(B, x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
+    out = ck.int8_attention(q4, k4, v4)
+    if kwargs.get("skip_output_reshape"):
+        return out
+    return out.transpose(1, 2).reshape(B, q.shape[1], -1)
+
+
+def with_easycache(model):
+    """ComfyUI core's EasyCache on top of a model (its node's defaults)."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    out = EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95, verbose=False)
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+class SetupTimer:
+    """Host time of VORTA's per-model-call set-up (router table + routing plan), summed."""
+
+    def __enter__(self):
+        import nodes.patch as P
+
+        self.P, self.orig, self.seconds, self.calls = P, P._setup_call, 0.0, 0
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self.orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        P._setup_call = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.P._setup_call = self.orig
+
+
 def no_self_attention(func, *args, **kwargs):
     """Self-attention returns v unchanged (what the rest of the step costs without it)."""
     q, k, v = args[:3]
@@ -226,6 +276,14 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sol_override(float(kind[3:]))
                 return m
+            if kind == "int8":
+                m = base.clone()
+                m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = int8_override
+                return m
+            if kind == "easycache":
+                return with_easycache(base)
+            if kind.endswith("+ easycache"):
+                return with_easycache(patched(kind[: -len(" + easycache")]))
             if kind == "no self-attention":
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = no_self_attention
@@ -238,6 +296,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
 
         methods = [("dense cuDNN SDPA", "dense", "cudnn"), ("dense flash SDPA", "dense", "flash"),
                    ("self-attention skipped", "no self-attention", "cudnn")]
+        if device.type == "cuda":
+            methods.append(("dense INT8 (comfy-kitchen int8_attention)", "int8", None))
         if variant == "random":
             methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
                         ("VORTA 50/50 mix, aligned tiles", "mix aligned", "cudnn"),
@@ -247,6 +307,9 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
             methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
                         ("VORTA training-free (tau 0.3)", "training-free", "cudnn")]
         methods += [(f"Sol-Attn tau {t:g} (comfy-kitchen)", f"sol{t}", "cudnn") for t in SOL_TAUS]
+        if variant == "random":  # what users stack: a step cache on top (skipped steps x attention saved)
+            methods += [("EasyCache (core defaults)", "easycache", "cudnn"),
+                        ("VORTA 50/50 official + EasyCache", "mix official + easycache", "cudnn")]
         if only:  # a subset (debugging): the reference first
             methods = methods[:1] + [m for m in methods[1:] if any(o in m[0] for o in only)]
         ref = None
@@ -256,7 +319,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 with sdpa_backend(backend):
                     if kind == "training-free":
                         sample(m, latent, steps, seed, device)  # measures (kept in memory), then the timed run
-                    durations, x0s, final, peak = sample(m, latent, steps, seed, device)
+                    with SetupTimer() as setup:
+                        durations, x0s, final, peak = sample(m, latent, steps, seed, device)
             except Exception as e:  # one method failing must not lose the others
                 import traceback
 
@@ -271,7 +335,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
             sec = sum(s) / len(s)
             row = dict(model=name, variant=variant, resolution="x".join(map(str, latent)), method=label, blocks_run=blocks,
                        blocks_model=cfg["num_layers"], s_per_step=round(sec, 4),
-                       s_per_step_full_model=round(sec * cfg["num_layers"] / blocks, 3), peak_mem_gb=round(peak, 2))
+                       s_per_step_full_model=round(sec * cfg["num_layers"] / blocks, 3), peak_mem_gb=round(peak, 2),
+                       overhead_ms=round(setup.seconds * 1e3 / steps, 3) if setup.calls else None)
             if ref is None:
                 ref = (x0s, final, sec)
             row["speedup_vs_dense"] = round(ref[2] / sec, 3)
@@ -306,15 +371,15 @@ def write(rows, meta, steps):
           "'structured' means). Fidelity: against dense cuDNN on the same seed (mean over steps of the denoised "
           "prediction's relative L2 and cosine; final latent PSNR). Random weights: the quality of real weights is "
           "for users to confirm (VORTA Fidelity Check node).", "",
-          "| model | weights | method | s / step (blocks run) | s / step, all blocks | x dense | peak GiB | rel. L2 | cosine | PSNR dB |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| model | weights | method | s / step (blocks run) | s / step, all blocks | x dense | peak GiB | rel. L2 | cosine | PSNR dB | set-up ms / step |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['model']} | {r['variant']} | {r['method']} | failed: {r['error']} | | | | | | |")
+            md.append(f"| {r['model']} | {r['variant']} | {r['method']} | failed: {r['error']} | | | | | | | |")
             continue
         md.append(f"| {r['model']} | {r['variant']} | {r['method']} | {r['s_per_step']} ({r['blocks_run']}) | "
                   f"{r['s_per_step_full_model']} | {r['speedup_vs_dense']} | {r['peak_mem_gb']} | {r.get('rel_l2_step_mean', '')} | "
-                  f"{r.get('cosine_step_mean', '')} | {r.get('psnr_final', '')} |")
+                  f"{r.get('cosine_step_mean', '')} | {r.get('psnr_final', '')} | {r.get('overhead_ms') or ''} |")
     shares = {(r["model"], r["variant"]): r.get("dense_self_attention_share") for r in rows if "dense_self_attention_share" in r}
     if shares:
         md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights): {s:.1%} (1 - step time with self-attention "
