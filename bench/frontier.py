@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attention import save_results
+from bench.timing import cuda_median_ms
 from vorta_ops.branches import BRANCH_NAMES, CORESET, FULL, SLIDING
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig
@@ -85,20 +86,12 @@ def planted_layer(grid, heads, d, mix, device, seed=0):
 
 
 def timer(device):
+    """ms(fn): CUDA-event median on a GPU (bench.timing), wall-clock mean elsewhere (smoke runs)."""
     def ms(fn, warmup=2, iters=5):
+        if device.type == "cuda":
+            return cuda_median_ms(fn, warmup, iters)
         for _ in range(warmup):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return sorted(times)[len(times) // 2]
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,19 +102,13 @@ class MeasuredTable:
 
 
 def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
+    """safetensors into a temporary file beside ``path``, then renamed onto it (router_io's rule)."""
     from safetensors.torch import save_file
 
+    from .router_io import _atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _read(path: Path) -> tuple[dict, dict]:
