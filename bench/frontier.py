@@ -256,10 +256,14 @@ def main(argv=None):
         for r in rows[-(len(TAUS) + len(BUDGETS) + len(SOL_TAUS) + 2):]:
             print(r)
     cmp = compare(rows)
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except Exception:  # a CPU smoke run without triton still writes its results
+        triton_version = None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{a.shape}"
-    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+    meta = {"device": name, "torch": torch.__version__, "triton": triton_version}
     ck = sol_attn()
     md = [f"# Error vs speed of one attention layer: VORTA training-free vs Sol-Attn ({name}, torch {meta['torch']}, "
           f"triton {meta['triton']}, comfy-kitchen {getattr(ck, '__version__', 'not installed')}, {platform.python_version()})", "",

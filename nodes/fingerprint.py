@@ -5,7 +5,8 @@ cannot serve.
 
 Cheap by design: per tensor its name, shape, dtype and a few values read at fixed strides (reading
 whole 14B-parameter models is out of the question); a LoRA's up/down tensors are sampled the same
-way. Two models that agree on every sampled value of every tensor get the same fingerprint; any
+way. A weight that has a patch is read by shape only: ComfyUI applies LoRAs in place, so its values
+differ before and after the first load, while the patch's digest already says what changes. Two models that agree on every sampled value of every tensor get the same fingerprint; any
 change of a LoRA, its strength, the model file or its dtype changes it.
 """
 from __future__ import annotations
@@ -72,10 +73,16 @@ def model_fingerprint(patcher) -> str | None:
     try:
         dm = patcher.model.diffusion_model
         h = hashlib.sha256(type(dm).__name__.encode())
+        patches = getattr(patcher, "patches", {}) or {}
+        # a patched weight may hold base + patch (ComfyUI applies LoRAs in place and keeps them applied
+        # between runs): its values are not read, the patch's own digest below stands for the change
+        patched = {k.split("diffusion_model.", 1)[1] for k in patches if isinstance(k, str) and "diffusion_model." in k}
         for name, t in dm.state_dict(keep_vars=True).items():
             h.update(name.encode())
-            _tensor_digest(h, t)
-        patches = getattr(patcher, "patches", {}) or {}
+            if name in patched:
+                h.update(f"{tuple(t.shape)}|{t.dtype}|patched".encode())
+            else:
+                _tensor_digest(h, t)
         for key in sorted(patches):
             h.update(f"patch:{key}".encode())
             _digest(h, patches[key])

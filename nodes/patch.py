@@ -439,17 +439,22 @@ def sampling_percent(model_sampling, sigma: float) -> float | None:
 
 def _schedule_of(run: VortaRun, to: dict):
     """(sampling percent of each step of this sampler's schedule, whether it runs to sigma 0, its
-    sigmas rounded), once per run and schedule; (None, False, None) without sample_sigmas."""
+    sigmas rounded, the step count of the whole schedule it is part of), once per run and schedule;
+    (None, False, None, None) without sample_sigmas."""
     sample = to.get("sample_sigmas")
     if sample is None or len(sample) < 2:
-        return None, False, None
+        return None, False, None, None
     sigmas = tuple(round(float(x), 5) for x in sample.reshape(-1).float().cpu().tolist())
     found = run.schedules.get(sigmas)
     if found is None:
         n = len(sigmas) - 1
         percents = tuple(_step_percent(run, s, i, n) for i, s in enumerate(sigmas[:-1]))
-        found = run.schedules[sigmas] = (None if any(p is None for p in percents) else percents, sigmas[-1] == 0.0)
-    return found[0], found[1], sigmas
+        end = 1.0 if sigmas[-1] == 0.0 else _step_percent(run, sigmas[-1], n, n)
+        total = None  # the whole schedule's steps, when this sampler runs only a part of it (split samplers)
+        if None not in percents and end is not None and end - percents[0] > 1e-6:
+            total = max(n, round(n / (end - percents[0])))
+        found = run.schedules[sigmas] = (None if None in percents else percents, sigmas[-1] == 0.0, total)
+    return found[0], found[1], sigmas, found[2]
 
 
 def _step_percent(run: VortaRun, sigma: float, step, n_steps) -> float | None:
@@ -505,10 +510,11 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
     t = float(timestep.reshape(timestep.shape[0], -1)[0].max()) if torch.is_tensor(timestep) else float(timestep)
     key = round(t, 4)
     percent = _step_percent(run, sigma, step, n_steps)
-    schedule, ends_at_zero, sigmas = _schedule_of(run, to)
+    schedule, ends_at_zero, sigmas, total_steps = _schedule_of(run, to)
     ctx = run.last_context = run.state.step_context(
         dm, t, x.dtype, x.device, sigma, percent, grid, run.weights, step=step, schedule=schedule,
-        ends_at_zero=ends_at_zero, sigmas=sigmas, fingerprint=run.fingerprint, cfg_scale=run.cfg_scale)
+        ends_at_zero=ends_at_zero, sigmas=sigmas, fingerprint=run.fingerprint, cfg_scale=run.cfg_scale,
+        total_steps=total_steps)
     if run.open_profile is not None and run.open_profile[0] != key:
         run.close_profile()  # the measured step is over: its errors decide the steps from here on
     if key not in run.tables:

@@ -61,6 +61,7 @@ class StepContext:
     sigmas: tuple[float, ...] | None = None  # the sampler's sigmas, rounded (a measurement cache key)
     fingerprint: str | None = None  # the weights with their LoRAs and strengths (nodes.fingerprint)
     cfg_scale: float | None = None  # the guider's CFG scale
+    total_steps: int | None = None  # steps of the whole schedule this sampler runs a part of (estimated)
 
 
 @runtime_checkable

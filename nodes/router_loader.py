@@ -125,7 +125,7 @@ class VortaSaveMeasuredRouter(io.ComfyNode):
                 io.Model.Input("model", tooltip="The MODEL output of VORTA Apply fed by the training-free router."),
                 io.String.Input("filename", default="measured_router",
                                 tooltip=f"File name in models/{FOLDER} (.safetensors is added); an existing file is never "
-                                        "replaced."),
+                                        "replaced: the next free name_00001_ is used instead."),
                 io.Latent.Input("latent", optional=True, tooltip="Connect the sampler's output so this runs after it."),
             ],
             outputs=[io.String.Output(display_name="path")],
@@ -150,8 +150,13 @@ class VortaSaveMeasuredRouter(io.ComfyNode):
         name = str(filename).strip()
         if not name or os.path.basename(name) != name or name.startswith("."):
             raise ValueError(f"filename must be a plain file name like 'wan22_5b_720p', got {filename!r}")
-        if not name.lower().endswith(".safetensors"):
-            name += ".safetensors"
-        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        if name.lower().endswith(".safetensors"):
+            name = name[: -len(".safetensors")]
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        path = os.path.join(folder, name + ".safetensors")
+        n = 0
+        while os.path.exists(path):  # never replace a file: a re-queued graph saves name_00001_ and so on
+            n += 1
+            path = os.path.join(folder, f"{name}_{n:05d}_.safetensors")
         saved = save_measured(state.provider.export(run.last_context), path)
         return io.NodeOutput(str(saved), ui={"text": (f"saved {saved}",)})

@@ -49,13 +49,15 @@ DEFAULT_TAU = 0.3
 DEFAULT_HYSTERESIS = 0.1
 
 
-def spans_of_schedule(schedule, ends_at_zero: bool, warmup: float, bins: int) -> list[tuple[int, int]]:
+def spans_of_schedule(schedule, ends_at_zero: bool, warmup: float, bins: int,
+                      total_steps: int | None = None) -> list[tuple[int, int]]:
     """(first, last) step indices of each span of a sampler's schedule (sampling percent per step).
-    Steps in the warm-up belong to none; at <= DISTILLED_STEPS steps each routed step is its own
-    span and, when the schedule runs to sigma 0, its last step belongs to none (dense)."""
+    Steps in the warm-up belong to none; when the whole schedule (``total_steps``: a split sampler
+    runs a part of it; default this schedule's length) has <= DISTILLED_STEPS steps, each routed
+    step is its own span and, when the schedule runs to sigma 0, its last step belongs to none."""
     n = len(schedule)
     routed = [i for i, p in enumerate(schedule) if p >= warmup - PERCENT_EPS]
-    if n <= DISTILLED_STEPS:
+    if max(n, total_steps or 0) <= DISTILLED_STEPS:
         if ends_at_zero and routed and routed[-1] == n - 1:
             routed = routed[:-1]
         return [(i, i) for i in routed]
@@ -74,13 +76,14 @@ MODES = ("quality", "speed")
 def _decide(errors, tau, costs, prev, margin, dense_block0: bool, mode: str = "quality", target: float = 1.0) -> torch.Tensor:
     """quality: per head the cheapest branch within tau (hysteresis from prev); speed: the least
     squared error that brings the step's attention work to ``target`` of dense (block 0 counted full
-    when it stays dense), no head above tau * 10 (a floor against a random head on a sparse branch)."""
+    when it stays dense), no head above tau * 10 (a floor against a random head on a sparse branch;
+    tau 0 keeps every head full)."""
     if mode == "speed":
         fixed = None
         if dense_block0:
             fixed = torch.zeros(errors.shape[:-1], dtype=torch.bool)
             fixed[0] = True
-        return decide_for_budget(errors, target, costs, max_error=10.0 * tau if tau > 0 else None, fixed=fixed)
+        return decide_for_budget(errors, target, costs, max_error=10.0 * tau, fixed=fixed)
     table = decide_from_errors(errors, tau, costs, prev=prev, margin=margin)
     if dense_block0:
         table[0] = FULL
@@ -144,14 +147,14 @@ class TrainingFreeProvider(SharedOnCopy):
         if ctx.schedule is None:
             return None
         return [span_key(ctx.schedule[a], ctx.schedule[b])
-                for a, b in spans_of_schedule(ctx.schedule, ctx.ends_at_zero, self.warmup, self.bins)]
+                for a, b in spans_of_schedule(ctx.schedule, ctx.ends_at_zero, self.warmup, self.bins, ctx.total_steps)]
 
     def span_of(self, ctx: StepContext):
         """The step's span key, or None where it runs dense (warm-up, a distilled schedule's last step)."""
         if ctx.schedule is None or ctx.step is None:
             b = self.bin_of(ctx.percent)
             return None if b is None else ("percent", b)
-        for a, b in spans_of_schedule(ctx.schedule, ctx.ends_at_zero, self.warmup, self.bins):
+        for a, b in spans_of_schedule(ctx.schedule, ctx.ends_at_zero, self.warmup, self.bins, ctx.total_steps):
             if a <= ctx.step <= b:
                 return span_key(ctx.schedule[a], ctx.schedule[b])
         return None
@@ -163,8 +166,9 @@ class TrainingFreeProvider(SharedOnCopy):
     @staticmethod
     def _key(ctx: StepContext, span):
         # measured errors hold for these weights (a LoRA clone shares the diffusion model object), this
-        # grid, these branch settings and this span
-        return (ctx.weights, ctx.grid, ctx.cfg, span)
+        # grid, these branch settings, this schedule's noise levels, this CFG and this span: the same
+        # fields as the disk key, so a session never reuses what a restart would measure afresh
+        return (ctx.weights, ctx.fingerprint, ctx.grid, ctx.cfg, ctx.sigmas, ctx.cfg_scale, span)
 
     def disk_key(self, ctx: StepContext) -> str | None:
         """The on-disk key of the context's measurements, or None when they are not to be cached
@@ -251,7 +255,7 @@ class TrainingFreeProvider(SharedOnCopy):
         if not found:
             raise ValueError("nothing was measured in the last run (fewer steps than the warm-up, or it was cancelled); "
                              "sample once with the training-free router, then save")
-        distilled = len(ctx.schedule) <= DISTILLED_STEPS and ctx.ends_at_zero
+        distilled = max(len(ctx.schedule), ctx.total_steps or 0) <= DISTILLED_STEPS and ctx.ends_at_zero
         meta = {"grid": ",".join(map(str, ctx.grid)), "branches": repr(ctx.cfg), "rows": self.rows, "seed": self.seed,
                 "cfg_scale": ctx.cfg_scale, "fingerprint": ctx.fingerprint, "last_dense": "1" if distilled else "0",
                 "steps": len(ctx.schedule), "mode": self.mode, "target": self.target}
@@ -269,6 +273,7 @@ class MeasuredTableProvider(SharedOnCopy):
         self.measured = table
         self.hysteresis = hysteresis
         self._decisions: dict = {}
+        self._checked: set = set()
 
     @property
     def blocks(self) -> int:
@@ -305,7 +310,25 @@ class MeasuredTableProvider(SharedOnCopy):
                                           float(meta.get("target", 1.0)))
         return self._decisions[ck].clone()
 
+    def _check_context(self, ctx: StepContext) -> None:
+        """Warn once per (grid, branch settings) the file was not measured at: its errors are a
+        window's and a bucket's at one size, and may not hold at another."""
+        key = (ctx.grid, ctx.cfg)
+        if key in self._checked:
+            return
+        self._checked.add(key)
+        meta, diffs = self.measured.meta, []
+        got = ",".join(map(str, ctx.grid)) if ctx.grid is not None else None
+        if meta.get("grid") and got and meta["grid"] != got:
+            diffs.append(f"latent grid {got} (it was measured at {meta['grid']})")
+        if meta.get("branches") and ctx.cfg is not None and repr(ctx.cfg) != meta["branches"]:
+            diffs.append("other branch settings (tile, window, bucket, keep ratio or similarity) than it was measured with")
+        if diffs:
+            log.warning("VORTA: this measured router routes a run with %s: its decisions may not hold here; measure "
+                        "this setting with the VORTA Training-Free Router", "; ".join(diffs))
+
     def table(self, ctx: StepContext) -> torch.Tensor:
+        self._check_context(ctx)
         i = self._span(ctx)
         if i is None:
             return torch.full((self.blocks, self.heads), FULL, dtype=torch.int8)
@@ -342,7 +365,7 @@ class Profiler:
         too, by its own measurement): int8 [heads]."""
         p = self.provider
         if p.mode == "speed":  # the block's own share of the target (the step's later spans balance it over blocks)
-            row = decide_for_budget(self.errors[block], p.target, self.costs, max_error=10.0 * p.tau if p.tau > 0 else None)
+            row = decide_for_budget(self.errors[block], p.target, self.costs, max_error=10.0 * p.tau)
         else:
             row = decide_from_errors(self.errors[block], p.tau, self.costs)
         if p.dense_block0 and block == 0:
@@ -357,9 +380,9 @@ class Profiler:
         if not bool(measured.all()):
             return
         self.store[self.key] = self.errors
-        span = self.key[3]
+        span = self.key[-1]
         log.info("VORTA: training-free router measured %d blocks for denoising span %s (grid %s)",
-                 len(measured), span, self.key[1])
+                 len(measured), span, self.ctx.grid)
         dk = self.provider.disk_key(self.ctx)
         if dk is not None and not isinstance(span[0], str):
             try:

@@ -362,8 +362,8 @@ def _training_free_prompt(prefix, steps=10, tau=10.0):
 def test_saved_measured_router_loads_and_routes_with_no_measuring(server):
     """Save Measured Router writes the last run's measurements as a router file; the Router Loader
     lists it (not the cache folder's files) and, loaded into Apply, it routes a 10-step run with the
-    training-free run's tables and measures nothing; saving again under that name is refused and
-    leaves the file as it was."""
+    training-free run's tables and measures nothing; queued again, it saves under the next free
+    numbered name and leaves the first file as it was."""
     name = f"measured_{server.version.replace('.', '_')}"
     p = _training_free_prompt("tf_save")
     p["11"] = {"class_type": "VortaSaveMeasuredRouter", "inputs": {"model": ["3", 0], "filename": name,
@@ -386,6 +386,7 @@ def test_saved_measured_router_loads_and_routes_with_no_measuring(server):
     # the measured steps of the first run were dense only where the warm-up says so; all others match
     assert loaded_steps == measured_steps, (loaded_steps, measured_steps)
     stamp = path.stat().st_mtime_ns, path.read_bytes()
-    with pytest.raises(h.PromptFailed, match="already exists"):
-        server.run(p)
+    entry = server.run(p)  # queued again (say with another seed): a new numbered file, the first untouched
     assert (path.stat().st_mtime_ns, path.read_bytes()) == stamp
+    second = path.with_name(f"{name}_00001_.safetensors")
+    assert second.exists() and entry["outputs"]["11"]["text"][0].endswith(second.name)

@@ -27,7 +27,7 @@ def net(seed=0, dtype=torch.float32):
 def lora(strength, seed=1):
     g = torch.Generator().manual_seed(seed)
     up, down = torch.randn(16, 2, generator=g), torch.randn(2, 8, generator=g)
-    return {"0.weight": [(strength, ("lora", (up, down, None, None)), 1.0, None, None)]}
+    return {"diffusion_model.0.weight": [(strength, ("lora", (up, down, None, None)), 1.0, None, None)]}
 
 
 def test_same_weights_and_patches_give_the_same_fingerprint():
@@ -66,3 +66,17 @@ def test_sample_positions_stay_inside_large_tensors():
         idx = sample_index(n)
         assert idx.dtype == torch.long and int(idx[0]) == 0 and int(idx[-1]) == n - 1 and int(idx.max()) < n
         assert bool((idx[1:] > idx[:-1]).all()) if n > 1 else idx.tolist() == [0]
+
+
+def test_a_lora_applied_in_place_does_not_change_the_fingerprint():
+    """ComfyUI writes a LoRA into the weight when it loads the model and keeps it there between runs:
+    the fingerprint before and after is the same (found in review: the disk cache missed)."""
+    m = net()
+    before = model_fingerprint(Patcher(m, lora(0.8)))
+    with torch.no_grad():
+        up, down = lora(0.8)["diffusion_model.0.weight"][0][1][1][:2]
+        m[0].weight += 0.8 * up @ down  # what patch_model does
+    assert model_fingerprint(Patcher(m, lora(0.8))) == before
+    with torch.no_grad():
+        m[1].bias += 1.0  # an unpatched tensor still counts
+    assert model_fingerprint(Patcher(m, lora(0.8))) != before

@@ -106,6 +106,17 @@ def test_spans_at_quantiles_of_the_schedule_and_distilled_schedules():
     assert spans_of_schedule(four, True, 0.1, 4) == [(1, 1), (2, 2)]  # warm-up step 0, last step dense
     assert spans_of_schedule(four, False, 0.1, 4) == [(1, 1), (2, 2), (3, 3)]  # a first half: its last step is no end
     assert spans_of_schedule(four, True, 0.1, 1) == [(1, 1), (2, 2)]  # bins do not apply to distilled schedules
+    # a 6-step half of a 12-step schedule split over two samplers is no distilled schedule (found in review)
+    half = (0.0, 0.083, 0.167, 0.25, 0.333, 0.417)
+    assert spans_of_schedule(half, False, 0.1, 2, total_steps=12) == [(2, 3), (4, 5)]
+    assert spans_of_schedule(half, False, 0.1, 2) == [(2, 2), (3, 3), (4, 4), (5, 5)]
+
+
+def test_a_split_schedule_knows_its_whole_length():
+    """The first half of a 12-step schedule (sigmas 1 .. 0.5) is no distilled schedule: 2 spans over it."""
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=2, rows=64)
+    _, run, _ = sample(prov, sigmas=tuple(round(1.0 - i / 12, 4) for i in range(7)))
+    assert run.measured_calls == 2 and run.last_context.total_steps == 12
 
 
 def test_a_distilled_schedule_measures_every_step_and_keeps_the_last_dense():
@@ -317,6 +328,24 @@ def test_saved_measured_router_loads_and_routes_like_the_measuring_run(tmp_path)
         as_provider(loaded).check_fits(inspect_model(WanModel(heads=H, blocks=3)))
 
 
+def test_a_measured_router_at_other_branch_settings_warns_once(tmp_path, caplog):
+    import logging
+
+    from nodes.providers import as_provider
+    from vorta_ops.measured import save_measured
+    from vorta_ops.router_io import load_router
+
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.2, bins=2, rows=64)
+    _, run, _ = sample(prov)
+    path = save_measured(prov.export(run.last_context), tmp_path / "m.safetensors")
+    with caplog.at_level(logging.WARNING, logger="vorta"):
+        sample(as_provider(load_router(path)))
+        assert not [r for r in caplog.records if "may not hold" in r.message]
+        other = P.VortaOptions(tile="1,2,2", window=(1, 3, 3), bucket=(2, 2, 2))
+        sample(as_provider(load_router(path)), options=other)
+    assert sum("other branch settings" in r.message for r in caplog.records) == 1
+
+
 def test_hysteresis_keeps_a_head_on_its_branch_while_its_error_stays_near_tau():
     from nodes.providers import StepContext
     from nodes.models import inspect_model
@@ -355,3 +384,39 @@ def test_speed_mode_meets_the_target_with_the_least_error():
     assert "speed: 62% of dense attention work" in prov.describe()
     with pytest.raises(ValueError, match="mode"):
         TrainingFreeProvider(mode="fast")
+
+
+def test_in_one_session_the_memory_key_holds_the_disk_keys_fields():
+    """Found in review: changing CFG (or the sigmas, or the weights' fingerprint) in one session reused
+    the errors measured under the old settings, which a restart would measure afresh."""
+    prov = TrainingFreeProvider(tau=TAU, warmup=0.0, bins=1, rows=64)
+    dm = WanModel(heads=H)
+    sample(prov, dm=dm, fingerprint="abc", cfg_scale=5.0)
+    assert prov.profiled_calls == 2
+    sample(prov, dm=dm, fingerprint="abc", cfg_scale=5.0)
+    assert prov.profiled_calls == 2
+    for kw in (dict(fingerprint="abc", cfg_scale=1.0), dict(fingerprint="abd", cfg_scale=5.0)):
+        before = prov.profiled_calls
+        sample(prov, dm=dm, **kw)
+        assert prov.profiled_calls == before + 2, kw
+
+
+def test_speed_mode_with_tau_zero_keeps_every_head_full():
+    prov = TrainingFreeProvider(tau=0.0, warmup=0.0, bins=1, rows=64, mode="speed", target=0.3, dense_block0=False)
+    _, run, _ = sample(prov)
+    assert all(bool((r.table == FULL).all()) for r in run.steps.values())
+
+
+def test_a_span_with_an_unmeasured_head_loads_back_from_disk(tmp_path):
+    from vorta_ops.measured import ErrorCache
+
+    cache = ErrorCache(tmp_path)
+    errors = torch.rand(2, H, 3)
+    errors[1, 2, 1:] = float("nan")  # one head of block 1 measured nothing; the block has others
+    cache.store("key", (0.0, 0.5), errors)
+    loaded = cache.load("key")
+    assert list(loaded) == [(0.0, 0.5)]
+    torch.testing.assert_close(loaded[(0.0, 0.5)], errors, equal_nan=True)
+    errors[0, :, 1:] = float("nan")  # a whole block unmeasured: not a span
+    cache.store("key2", (0.0, 0.5), errors)
+    assert cache.load("key2") == {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +202,8 @@ class ErrorCache:
                 return {}  # another key with the same hash: never use its errors
             spans = [span_key(*s) for s in json.loads(meta["spans"])]
             errors = tensors["errors"].float()
-            return {s: errors[i] for i, s in enumerate(spans) if not math.isnan(float(errors[i, ..., 1:].sum()))}
+            # a span holds when every block measured some sparse branch (Profiler.finish's rule)
+            return {s: errors[i] for i, s in enumerate(spans) if bool((~errors[i, ..., 1:].isnan()).any(-1).any(-1).all())}
         except (MeasuredFileError, KeyError, ValueError, TypeError):
             return {}  # unreadable cache entry: measure again (it is rewritten then)
 
