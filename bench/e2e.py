@@ -5,12 +5,14 @@ benchmark, not a test).
     python -m bench.e2e --comfy PATH_TO_COMFYUI_TREE [--models wan1.3b-480p,wan14b-720p] [--steps 5]
 
 How the models are made and sampled (nothing is downloaded; speed does not depend on the weights):
-- ComfyUI's WanModel is built on the meta device with the real configuration, a random bf16 state
+- ComfyUI's WanModel (HunyuanVideo: its HunyuanVideo class, 256 text tokens and a CLIP pooled vector in
+  the conditioning) is built on the meta device with the real configuration, a random bf16 state
   dict is made from its shapes (matrices N(0, 0.02), vectors N(0, 0.01), norm weights 1), and
   comfy.sd.load_diffusion_model_state_dict loads it, as the UNETLoader does: model detection, config,
-  ModelPatcher. Wan 2.1 14B at 720p runs with fewer blocks than its 40 (``--blocks14b``, default 8;
+  ModelPatcher. Wan 2.1 14B at 720p runs with fewer blocks than its 40 (``--blocks``, default 8;
   every block is the same, so seconds per step scale with the block count: the table gives the
-  measured figure and the 40-block estimate).
+  measured figure and the full-model estimate); HunyuanVideo 720p x 129 frames with 2 double + 4
+  single blocks of its 20 + 40.
 - Every method samples the same latent (Wan 2.1 480p x 81 frames = 16x21x60x104; 720p = 16x21x90x160)
   with comfy.sample.sample (euler, simple schedule, CFG 5: cond and uncond batched as ComfyUI does),
   the same seed and random text conditioning [1, 512, 4096]. Step 0 (cold caches, autotuning) and
@@ -48,11 +50,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MODELS = {  # name: ComfyUI WanModel config, latent [C, T, H, W], blocks actually built
+MODELS = {  # name: ComfyUI model config, latent [C, T, H, W], blocks actually built (of the config's)
     "wan1.3b-480p": (dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), (16, 21, 60, 104), 30),
     "wan14b-720p": (dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40), (16, 21, 90, 160), 8),
-    "tiny": (dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2), (16, 3, 8, 12), 2),  # CPU smoke run
+    # HunyuanVideo T2V 720p x 129 frames: 20 double + 40 single blocks; built with 2 + 4 (the same ratio)
+    "hunyuan-720p": (dict(family="hunyuan", hidden_size=3072, num_heads=24, depth=20, depth_single_blocks=40,
+                          num_layers=60), (16, 33, 90, 160), 6),
+    "tiny": (dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2), (16, 3, 8, 12), 2),  # CPU smoke runs
+    "tiny-hunyuan": (dict(family="hunyuan", hidden_size=256, num_heads=2, depth=1, depth_single_blocks=2, num_layers=3),
+                     (16, 3, 8, 12), 3),
 }
+TEXT_TOKENS = 256  # HunyuanVideo's text tokens in each self-attention call
 SOL_TAUS = (1.0, 1.3, 2.0)
 SOL_MIN_TOKENS = 12288  # core's node leaves shorter sequences dense
 STRUCTURED_SHARE = 0.6
@@ -71,33 +79,77 @@ def setup_comfy(path: str):
     sys.argv = argv
 
 
-def random_state_dict(cfg, blocks, device, dtype, structured: bool, seed=0):
-    """The WanModel's state dict shapes, filled at random on ``device`` (see the module docstring)."""
+def _meta_model(cfg, blocks):
+    """ComfyUI's model class with this config on the meta device, ``blocks`` transformer blocks."""
     import comfy.ops
-    from comfy.ldm.wan.model import WanModel
 
     with torch.device("meta"):
-        meta = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, freq_dim=256, text_dim=4096,
-                        operations=comfy.ops.disable_weight_init, **dict(cfg, num_layers=blocks))
+        if cfg.get("family") == "hunyuan":
+            from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
+            import dataclasses
+
+            double = max(1, round(blocks * cfg["depth"] / cfg["num_layers"]))
+            later = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}
+            fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
+            return HunyuanVideo(**{k: v for k, v in later.items() if k in fields}, image_model="hunyuan_video",
+                                in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                                hidden_size=cfg["hidden_size"], mlp_ratio=4.0, num_heads=cfg["num_heads"], depth=double,
+                                depth_single_blocks=blocks - double, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
+                                qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
+                                operations=comfy.ops.disable_weight_init)
+        from comfy.ldm.wan.model import WanModel
+
+        return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, freq_dim=256, text_dim=4096,
+                        operations=comfy.ops.disable_weight_init,
+                        **{k: v for k, v in dict(cfg, num_layers=blocks).items() if k != "family"})
+
+
+def _qk_projections(cfg, blocks):
+    """(state-dict name, slice of it) of each block's q and k output rows, per head: where a shared
+    per-head bias makes a head local (Wan: separate q / k Linear layers; HunyuanVideo: one qkv)."""
+    heads = cfg["num_heads"]
+    dim = cfg.get("dim") or cfg["hidden_size"]
+    d = dim // heads
+    out = []
+    if cfg.get("family") == "hunyuan":
+        double = max(1, round(blocks * cfg["depth"] / cfg["num_layers"]))
+        names = [f"double_blocks.{b}.img_attn.qkv.bias" for b in range(double)]
+        names += [f"single_blocks.{b}.linear1.bias" for b in range(blocks - double)]
+        for name in names:  # q rows [0, dim), k rows [dim, 2 dim)
+            out.append([(name, slice(h * d, (h + 1) * d), slice(dim + h * d, dim + (h + 1) * d)) for h in range(heads)])
+        return out, d
+    for b in range(blocks):
+        out.append([((f"blocks.{b}.self_attn.q.bias", f"blocks.{b}.self_attn.k.bias"), slice(h * d, (h + 1) * d))
+                    for h in range(heads)])
+    return out, d
+
+
+def random_state_dict(cfg, blocks, device, dtype, structured: bool, seed=0):
+    """The model's state dict shapes, filled at random on ``device`` (see the module docstring)."""
+    meta = _meta_model(cfg, blocks)
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, p in meta.state_dict().items():
         t = torch.empty(p.shape, device=device, dtype=dtype)
-        if "norm" in name and name.endswith("weight"):
+        if ("norm" in name or "scale" in name) and name.endswith(("weight", "scale")):
             t.fill_(1.0)
         else:
             t.normal_(0.0, 0.02 if p.dim() > 1 else 0.01, generator=g)
         sd[name] = t
     if structured:
-        heads, dim = cfg["num_heads"], cfg["dim"]
-        d = dim // heads
+        per_block, d = _qk_projections(cfg, blocks)
         cpu = torch.Generator().manual_seed(seed + 1)
-        for b in range(blocks):
-            chosen = torch.randperm(heads, generator=cpu)[: round(heads * STRUCTURED_SHARE)].tolist()
+        for heads in per_block:
+            chosen = torch.randperm(len(heads), generator=cpu)[: round(len(heads) * STRUCTURED_SHARE)].tolist()
             for h in chosen:
                 bias = torch.randn(d, generator=cpu).to(device, dtype)
-                for proj in ("q", "k"):  # the same bias on q and k: after RoPE, q.k falls off with distance
-                    sd[f"blocks.{b}.self_attn.{proj}.bias"][h * d:(h + 1) * d] = bias
+                entry = heads[h]
+                if isinstance(entry[0], tuple):  # Wan: the same bias on q and k
+                    for name in entry[0]:
+                        sd[name][entry[1]] = bias
+                else:  # HunyuanVideo: q and k rows of one qkv bias
+                    sd[entry[0]][entry[1]] = bias
+                    sd[entry[0]][entry[2]] = bias
     return sd
 
 
@@ -107,15 +159,15 @@ def load_model(sd, dtype):
     return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
 
 
-def table_router(table, dim):
-    """A file router whose decision is ``table`` [blocks, heads] at every step."""
+def table_router(table, spec):
+    """A file router whose decision is ``table`` [blocks, heads] at every step, fitting ``spec``."""
     from vorta_ops.router import RouterSet
 
     t = torch.as_tensor(table)
     blocks, heads = t.shape
     b = torch.zeros(blocks, heads, 3)
     b.scatter_(-1, t.long()[..., None], 20.0)
-    return RouterSet("wan", torch.zeros(blocks, heads * 3, dim), b.reshape(blocks, heads * 3))
+    return RouterSet(spec.family, torch.zeros(blocks, heads * 3, spec.embed_dim), b.reshape(blocks, heads * 3))
 
 
 def mix_table(blocks, heads, kind, seed=0):
@@ -214,15 +266,19 @@ def sdpa_backend(name):
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
-def sample(patcher, latent_shape, steps, seed, device):
+def sample(patcher, latent_shape, steps, seed, device, family="wan"):
     """(per-step seconds, x0 per step, final latent, peak GiB) of one sampling run."""
     import comfy.sample
 
     g = torch.Generator().manual_seed(seed)
     latent = torch.zeros(1, *latent_shape)
     noise = torch.randn(latent.shape, generator=g)
-    cond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
-    uncond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
+    if family == "hunyuan":  # LLM text tokens + the CLIP pooled vector
+        cond = [[torch.randn(1, TEXT_TOKENS, 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g)}]]
+        uncond = [[torch.randn(1, TEXT_TOKENS, 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    else:
+        cond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
+        uncond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
     stamps, x0s = [], []
 
     def sync():
@@ -267,7 +323,10 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
         sd = random_state_dict(cfg, blocks, device, dtype, structured=(variant == "structured"))
         base = load_model(sd, dtype)
         del sd
-        spec_heads, dim = cfg["num_heads"], cfg["dim"]
+        from nodes.models import inspect_model
+
+        spec = inspect_model(base.model.diffusion_model)
+        family = cfg.get("family", "wan")
 
         def patched(kind):
             if kind == "dense":
@@ -292,7 +351,7 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 return apply_vorta(base, TrainingFreeProvider(), VortaOptions(tile="official"))[0]
             tile = "aligned" if kind.endswith("aligned") else "official"
             mix = "sliding" if kind.startswith("all sliding") else "coreset" if kind.startswith("all core-set") else "mix"
-            return apply_vorta(base, table_router(mix_table(blocks, spec_heads, mix), dim), VortaOptions(tile=tile))[0]
+            return apply_vorta(base, table_router(mix_table(spec.blocks, spec.heads, mix), spec), VortaOptions(tile=tile))[0]
 
         methods = [("dense cuDNN SDPA", "dense", "cudnn"), ("dense flash SDPA", "dense", "flash"),
                    ("self-attention skipped", "no self-attention", "cudnn")]
@@ -318,9 +377,9 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 m = patched(kind)
                 with sdpa_backend(backend):
                     if kind == "training-free":
-                        sample(m, latent, steps, seed, device)  # measures (kept in memory), then the timed run
+                        sample(m, latent, steps, seed, device, family)  # measures (kept in memory), then the timed run
                     with SetupTimer() as setup:
-                        durations, x0s, final, peak = sample(m, latent, steps, seed, device)
+                        durations, x0s, final, peak = sample(m, latent, steps, seed, device, family)
             except Exception as e:  # one method failing must not lose the others
                 import traceback
 
@@ -390,9 +449,10 @@ def write(rows, meta, steps):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True, help="a ComfyUI source tree (e.g. 0.19.3 unpacked from ../shared/vendor)")
-    ap.add_argument("--models", default="wan1.3b-480p,wan14b-720p")
+    ap.add_argument("--models", default="wan1.3b-480p,wan14b-720p,hunyuan-720p")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--blocks14b", type=int, default=None, help="blocks to build for wan14b-720p (default 8)")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="blocks to build for wan14b-720p (default 8 of 40) and hunyuan-720p (default 6 of 60)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="random,structured")
     ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
@@ -403,7 +463,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name in a.models.split(","):
-        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks14b if name == "wan14b-720p" else None,
+        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks if name in ("wan14b-720p", "hunyuan-720p") else None,
                           tuple(a.variants.split(",")), [o for o in a.only.split(",") if o])
     import triton
 
