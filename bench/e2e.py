@@ -25,7 +25,8 @@ How the models are made and sampled (nothing is downloaded; speed does not depen
   "structured", gives 60% of each block's heads a shared per-head bias on the q and k projections:
   after Wan's own RMSNorm and 3D RoPE those heads' scores then fall off with 3D distance (local
   heads, as real video DiTs have); the other heads stay random.
-- Also: comfy-kitchen's INT8 attention as a dense backend (every unmasked call), core's EasyCache alone and
+- Also: fp8 weights (``--fp8``; ComfyUI's fp8 matrix multiplication with ``--fast fp8_matrix_mult``) dense and
+  with VORTA; comfy-kitchen's INT8 attention as a dense backend (every unmasked call), core's EasyCache alone and
   on top of VORTA (its node's defaults; the timed steps include the ones it skips), and VORTA's set-up host
   time per step (router table + routing plan, summed over the step's model calls).
 - Fidelity, same seed and inputs: each step's denoised prediction (the sampler callback's x0)
@@ -66,9 +67,10 @@ SOL_MIN_TOKENS = 12288  # core's node leaves shorter sequences dense
 STRUCTURED_SHARE = 0.6
 
 
-def setup_comfy(path: str):
+def setup_comfy(path: str, fast=()):
     sys.path.insert(0, str(Path(path).resolve()))
-    argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])
+    argv, sys.argv = sys.argv, [sys.argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"]) + (
+        ["--fast", *fast] if fast else [])
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -153,9 +155,14 @@ def random_state_dict(cfg, blocks, device, dtype, structured: bool, seed=0):
     return sd
 
 
-def load_model(sd, dtype):
+def load_model(sd, dtype, fp8=False):
+    """The UNETLoader's path; fp8: weights stored as float8_e4m3fn (UNETLoader's weight_dtype
+    fp8_e4m3fn), with ComfyUI's fp8 matrix multiplication where --fast fp8_matrix_mult is on."""
     import comfy.sd
 
+    if fp8:
+        return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float8_e4m3fn,
+                                                                           "fp8_optimizations": True})
     return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
 
 
@@ -310,7 +317,8 @@ def fidelity(x0s, final, ref_x0s, ref_final):
     return sum(rel) / len(rel), sum(cos) / len(cos), psnr
 
 
-def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=("random", "structured"), only=None):
+def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=("random", "structured"), only=None,
+              fp8=False):
     from nodes.patch import VortaOptions, apply_vorta
     from nodes.training_free import TrainingFreeProvider
 
@@ -321,6 +329,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
     timed = slice(1, steps - 1)  # not step 0 (cold), not the last (a distilled rule may run it dense)
     for variant in variants:
         sd = random_state_dict(cfg, blocks, device, dtype, structured=(variant == "structured"))
+        # (ComfyUI's loader empties the dict it is given: each load gets its own)
+        fp8_base = load_model(dict(sd), dtype, fp8=True) if fp8 and variant == "random" else None
         base = load_model(sd, dtype)
         del sd
         from nodes.models import inspect_model
@@ -331,6 +341,11 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
         def patched(kind):
             if kind == "dense":
                 return base
+            if kind == "fp8 dense":
+                return fp8_base
+            if kind == "fp8 mix official":
+                return apply_vorta(fp8_base, table_router(mix_table(spec.blocks, spec.heads, "mix"), spec),
+                                   VortaOptions(tile="official"))[0]
             if kind.startswith("sol"):
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sol_override(float(kind[3:]))
@@ -366,6 +381,9 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
             methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
                         ("VORTA training-free (tau 0.3)", "training-free", "cudnn")]
         methods += [(f"Sol-Attn tau {t:g} (comfy-kitchen)", f"sol{t}", "cudnn") for t in SOL_TAUS]
+        if fp8_base is not None:  # fp8 weights (fast fp8 matmul where ComfyUI's --fast enables it), alone and with VORTA
+            methods += [("fp8 weights, dense cuDNN", "fp8 dense", "cudnn"),
+                        ("fp8 weights + VORTA 50/50 official", "fp8 mix official", "cudnn")]
         if variant == "random":  # what users stack: a step cache on top (skipped steps x attention saved)
             methods += [("EasyCache (core defaults)", "easycache", "cudnn"),
                         ("VORTA 50/50 official + EasyCache", "mix official + easycache", "cudnn")]
@@ -414,7 +432,7 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
             for r in rows:
                 if r["variant"] == variant and r["model"] == name:
                     r["dense_self_attention_share"] = round(share, 3)
-        del base
+        del base, fp8_base
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -456,15 +474,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="random,structured")
     ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
+    ap.add_argument("--fp8", action="store_true", help="also fp8 weights (float8_e4m3fn), dense and with VORTA")
+    ap.add_argument("--fast", default="", help="ComfyUI --fast features, e.g. fp8_matrix_mult")
     a = ap.parse_args(argv)
-    setup_comfy(a.comfy)
+    setup_comfy(a.comfy, a.fast.split(",") if a.fast else [])
     sys.path.insert(0, str(ROOT))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name in a.models.split(","):
         rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks if name in ("wan14b-720p", "hunyuan-720p") else None,
-                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o])
+                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o], a.fp8)
     import triton
 
     try:
