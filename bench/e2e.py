@@ -26,7 +26,8 @@ How the models are made and sampled (nothing is downloaded; speed does not depen
   after Wan's own RMSNorm and 3D RoPE those heads' scores then fall off with 3D distance (local
   heads, as real video DiTs have); the other heads stay random.
 - Also: fp8 weights (``--fp8``; ComfyUI's fp8 matrix multiplication with ``--fast fp8_matrix_mult``) dense and
-  with VORTA; comfy-kitchen's INT8 attention as a dense backend (every unmasked call), core's EasyCache alone and
+  with VORTA; comfy-kitchen's INT8 attention and SageAttention 1.0.6 (carry its wheel) as dense backends
+  (every unmasked call), core's EasyCache alone and
   on top of VORTA (its node's defaults; the timed steps include the ones it skips), and VORTA's set-up host
   time per step (router table + routing plan, summed over the step's model calls).
 - Fidelity, same seed and inputs: each step's denoised prediction (the sampler callback's x0)
@@ -226,6 +227,22 @@ def int8_override(func, *args, **kwargs):
     return out.transpose(1, 2).reshape(B, q.shape[1], -1)
 
 
+def sage_override(func, *args, **kwargs):
+    """SageAttention v1 (PyPI 1.0.6: INT8 QK^T, Triton) for every call without a mask, as its ComfyUI
+    users run it (a dense INT8 alternative)."""
+    from sageattention import sageattn
+
+    q, k, v = args[:3]
+    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+    if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.dim() != 3:
+        return func(*args, **kwargs)
+    B = q.shape[0]
+    out = sageattn(*(x.view(B, x.shape[1], heads, -1) for x in (q, k, v)), tensor_layout="NHD")
+    if kwargs.get("skip_output_reshape"):
+        return out.transpose(1, 2)
+    return out.reshape(B, q.shape[1], -1)
+
+
 def with_easycache(model):
     """ComfyUI core's EasyCache on top of a model (its node's defaults)."""
     from comfy_extras.nodes_easycache import EasyCacheNode
@@ -350,9 +367,10 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sol_override(float(kind[3:]))
                 return m
-            if kind == "int8":
+            if kind in ("int8", "sage"):
                 m = base.clone()
-                m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = int8_override
+                m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
+                    int8_override if kind == "int8" else sage_override)
                 return m
             if kind == "easycache":
                 return with_easycache(base)
@@ -372,6 +390,7 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                    ("self-attention skipped", "no self-attention", "cudnn")]
         if device.type == "cuda":
             methods.append(("dense INT8 (comfy-kitchen int8_attention)", "int8", None))
+            methods.append(("dense SageAttention 1.0.6 (INT8, Triton)", "sage", None))
         if variant == "random":
             methods += [("VORTA 50/50 mix, official tiles", "mix official", "cudnn"),
                         ("VORTA 50/50 mix, aligned tiles", "mix aligned", "cudnn"),
