@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import RoutedConfig
@@ -574,10 +575,24 @@ def make_block_patch(index: int, previous=None):
     return block_patch
 
 
+_KEY_MASKS = WeakIdKeyDictionary()  # ComfyUI mask -> ((version, B, L), key mask)
+
+
 def _key_mask(mask, B: int, L: int):
-    """ComfyUI attention mask -> bool [B, L] key mask, or "unsupported"."""
+    """ComfyUI attention mask -> bool [B, L] key mask, or "unsupported". The same mask object (a
+    model call passes one to every block) gives the same key-mask object, made once while the mask
+    is unchanged, so the kernels' tables made from it are made once too."""
     if mask is None:
         return None
+    found = _KEY_MASKS.get(mask)
+    if found is not None and found[0] == (mask._version, B, L):
+        return found[1]
+    keep = _derive_key_mask(mask, B, L)
+    _KEY_MASKS[mask] = ((mask._version, B, L), keep)
+    return keep
+
+
+def _derive_key_mask(mask, B: int, L: int):
     if mask.shape[-2:] != (1, L) and mask.shape[-1] != L:
         return "unsupported"
     m = mask.reshape(-1, L) if mask.numel() in (L, B * L) else None

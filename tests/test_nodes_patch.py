@@ -331,3 +331,15 @@ def test_a_model_called_outside_a_sampling_run_says_it_runs_dense(caplog):
         for _ in range(3):
             assert P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 2, 4, 4), torch.tensor([1000.0]), None, None, None, to) == "ran"
     assert sum("outside a ComfyUI sampling run" in r.message for r in caplog.records) == 1
+
+
+def test_key_mask_made_once_per_mask_object_and_again_after_a_change():
+    mask = torch.zeros(1, 1, 1, 6)
+    mask[..., 4:] = -torch.finfo(torch.float32).max
+    first = P._key_mask(mask, 2, 6)
+    assert first.tolist() == [[True] * 4 + [False] * 2] * 2
+    assert P._key_mask(mask, 2, 6) is first  # every block of a model call: the same object
+    mask[..., 3] = -torch.finfo(torch.float32).max  # changed in place: made again
+    again = P._key_mask(mask, 2, 6)
+    assert again is not first and again.tolist() == [[True] * 3 + [False] * 3] * 2
+    assert P._key_mask(mask.clone(), 2, 6) is not again  # another object: its own

@@ -97,3 +97,26 @@ def test_reference_on_query_rows_equals_the_full_reference():
     full = sliding_tile_reference(q, k, v, grid, cfg, pre, suf)
     torch.testing.assert_close(sliding_tile_reference(q, k, v, grid, cfg, pre, suf, rows=rows), full[:, :, rows])
     assert torch.equal(sliding_tile_mask(grid, cfg, pre, suf, rows=rows), sliding_tile_mask(grid, cfg, pre, suf)[rows])
+
+
+def test_key_mask_tables_made_once_per_mask_object(monkeypatch):
+    """The sliding-tile kernel's key-mask tables (bias, grid_ok) are made once per mask object and
+    version (a model call's blocks share one mask), again after an in-place change."""
+    from vorta_ops.kernels import sliding_tile_triton as stt
+    from vorta_ops.layout import TileLayout
+
+    calls = []
+    real = stt._kv_tables
+    monkeypatch.setattr(stt, "_kv_tables", lambda *a: calls.append(1) or real(*a))
+    layout = TileLayout((2, 4, 4), (1, 2, 2), 16, 0, 3)
+    ksrc = stt._layout_tables(layout, torch.device("cpu"))[1]
+    mask = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    mask[1, -2:] = False
+    a = stt.kv_tables(layout, ksrc, mask, 2)
+    b = stt.kv_tables(layout, ksrc, mask, 2)
+    assert a is b and len(calls) == 1
+    mask[0, -1] = False
+    c = stt.kv_tables(layout, ksrc, mask, 2)
+    assert len(calls) == 2 and not torch.equal(c[0], a[0])
+    torch.testing.assert_close(c[0], real(layout, ksrc, mask, 2)[0])
+    assert stt.kv_tables(layout, ksrc, mask.clone(), 2) is not c  # another mask object: its own tables

@@ -43,6 +43,7 @@ import math
 import os
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._backends import head_index, kernel_head_table, require_out
 from ..layout import TileLayout
@@ -131,6 +132,25 @@ def _kv_tables(layout: TileLayout, ksrc: torch.Tensor, kv_mask: torch.Tensor, B:
     return _bias(keep).contiguous(), grid_ok.contiguous()
 
 
+# per key-mask tensor (weakly: an entry goes with its mask), per (layout, batch, mask version): the
+# tables built from it. A model call hands every block the same mask object, so its tables are built
+# once per call instead of once per block; an in-place change of the mask bumps its version.
+_KV_TABLES = WeakIdKeyDictionary()  # key mask -> {(layout, B, version, device): tables}
+
+
+def kv_tables(layout: TileLayout, ksrc: torch.Tensor, kv_mask: torch.Tensor, B: int):
+    """_kv_tables, cached per mask tensor object (see _KV_TABLES)."""
+    if torch.compiler.is_compiling():
+        return _kv_tables(layout, ksrc, kv_mask, B)
+    per_mask = _KV_TABLES.setdefault(kv_mask, {})
+    key = (layout, B, kv_mask._version, ksrc.device)
+    found = per_mask.get(key)
+    if found is None:
+        per_mask.clear()  # an older version's tables (or another layout's) are not needed again
+        found = per_mask[key] = _kv_tables(layout, ksrc, kv_mask, B)
+    return found
+
+
 def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -175,7 +195,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     qsrc, ksrc, bias, grid_ok = _layout_tables(layout, device)
     n_h, head_tab = kernel_head_table(heads, H, device, what, qsrc)  # program heads; qsrc: a dummy table
     if kv_mask is not None:
-        bias, grid_ok = _kv_tables(layout, ksrc, kv_mask, B)
+        bias, grid_ok = kv_tables(layout, ksrc, kv_mask, B)
     s_bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
     s_kvok_b = grid_ok.stride(0) if grid_ok.shape[0] > 1 else 0
 
