@@ -24,6 +24,8 @@ OUTPUTS = {
     "VortaRouterLoader": [("router", "VORTA_ROUTER")], "VortaApply": [("MODEL", "MODEL")],
     "VortaTrainingFreeRouter": [("router", "VORTA_ROUTER")], "Wan22ImageToVideoLatent": [("LATENT", "LATENT")],
     "VortaGateVisualizer": [("image", "IMAGE"), ("summary", "STRING")], "Note": [],
+    "VortaFidelityCheck": [("routed_latent", "LATENT"), ("report", "STRING"), ("plot", "IMAGE")], "PreviewImage": [],
+    "VortaSaveMeasuredRouter": [("path", "STRING")],
 }
 # link inputs (name, type) per node type, in schema order
 INPUTS = {
@@ -34,6 +36,9 @@ INPUTS = {
     "FluxGuidance": [("conditioning", "CONDITIONING")], "VortaApply": [("model", "MODEL"), ("router", "VORTA_ROUTER")],
     "VortaGateVisualizer": [("model", "MODEL"), ("router", "VORTA_ROUTER"), ("sigmas", "SIGMAS"), ("latent", "LATENT")],
     "Wan22ImageToVideoLatent": [("vae", "VAE"), ("start_image", "IMAGE")],
+    "VortaFidelityCheck": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                           ("latent_image", "LATENT")],
+    "PreviewImage": [("images", "IMAGE")], "VortaSaveMeasuredRouter": [("model", "MODEL"), ("latent", "LATENT")],
 }
 TITLE_W = 320
 OPTIONAL_UNLINKED = {("VortaGateVisualizer", "router"), ("VortaGateVisualizer", "sigmas"), ("Wan22ImageToVideoLatent", "start_image")}
@@ -190,8 +195,8 @@ def hunyuan_t2v():
     return build("hunyuan_t2v", nodes, note)
 
 
-def wan22_5b_training_free():
-    nodes = [
+def _wan22_5b_nodes():
+    return [
         {"key": "unet", "type": "UNETLoader", "pos": [20, 20], "widgets": ["wan2.2_ti2v_5B_fp16.safetensors", "default"]},
         {"key": "clip", "type": "CLIPLoader", "pos": [20, 180], "widgets": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"]},
         {"key": "vae", "type": "VAELoader", "pos": [20, 340], "widgets": ["wan2.2_vae.safetensors"]},
@@ -212,22 +217,49 @@ def wan22_5b_training_free():
         {"key": "gate", "type": "VortaGateVisualizer", "pos": [1180, 340], "size": [320, 300], "widgets": ["last run", 30, "simple"],
          "links": {"model": ("vorta", 0), "latent": ("ks", 0)}},
     ]
+
+
+FILES_5B = ("Files:\n- models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors\n"
+            "- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n- models/vae/wan2.2_vae.safetensors")
+
+
+def wan22_5b_training_free():
     note = ("VORTA on Wan 2.2 TI2V 5B with the Training-Free Router: no router file. At the start of each of 4 spans of the "
             "denoising (after a 10% dense warm-up) it measures, per block and head, how far each sparse branch lands from "
-            "full attention on 256 sampled query rows (that step runs dense), then routes each head to the cheapest branch "
-            "within tau. A second run of the same model and size measures nothing.\n\nFiles:\n"
-            "- models/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors\n- models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors\n"
-            "- models/vae/wan2.2_vae.safetensors\n\nVORTA Apply may sit before or after ModelSamplingSD3, LoRAs and other "
-            "patches. tau 0.3 is a starting point measured on synthetic heads: lower it if quality drops, raise it for speed; "
-            "the gate visualizer shows what ran.")
-    return build("wan22_5b_training_free", nodes, note)
+            "full attention on 256 sampled query rows, routes that step by its own measurement, and the rest of the span by "
+            "it: each head to the cheapest branch within tau. The measurements are kept in models/vorta_routers/tables: a "
+            "second run of the same model, size and settings measures nothing.\n\n" + FILES_5B + "\n\nVORTA Apply may sit "
+            "before or after ModelSamplingSD3, LoRAs and other patches. tau 0.3 is a starting point measured on synthetic "
+            "heads: lower it if quality drops, raise it for speed; the gate visualizer shows what ran.")
+    return build("wan22_5b_training_free", _wan22_5b_nodes(), note)
+
+
+def wan22_5b_fidelity_check():
+    nodes = _wan22_5b_nodes()
+    ks = next(n for n in nodes if n["key"] == "ks")
+    # seed, control, steps, cfg, sampler, scheduler, denoise, steps_to_check
+    ks.update(type="VortaFidelityCheck", size=[320, 330], widgets=[1234, "fixed", 30, 5.0, "uni_pc", "simple", 1.0, 8])
+    nodes += [
+        {"key": "plot", "type": "PreviewImage", "pos": [1540, 600], "size": [320, 260], "links": {"images": ("ks", 2)}},
+        {"key": "saverouter", "type": "VortaSaveMeasuredRouter", "pos": [1180, 680], "size": [320, 110],
+         "widgets": ["wan22_5b_measured"], "links": {"model": ("vorta", 0), "latent": ("ks", 0)}},
+    ]
+    note = ("Wan 2.2 TI2V 5B with the Training-Free Router (no router file) and VORTA Fidelity Check in place of the "
+            "KSampler: it samples the graph dense and routed on the same seed and reports, per step, how far the routed "
+            "denoised prediction is from the dense one (relative L2, cosine) and the final latent's PSNR, with a plot, so you "
+            "see on your own prompt and weights what the speed costs. steps_to_check 8 stops the dense pass after 8 steps "
+            "(0 = all). The routed latent goes on to the VAE as a KSampler's would. VORTA Save Measured Router then writes "
+            "what the training-free router measured as a router file (models/vorta_routers) that the VORTA Router Loader "
+            "loads with no measuring.\n\n" + FILES_5B)
+    return build("wan22_5b_fidelity_check", nodes, note)
 
 
 def main():
     OUT.mkdir(exist_ok=True)
     for fn, name in ((wan21_t2v_14b, "vorta_wan21_t2v_14b.json"), (wan22_a14b, "vorta_wan22_a14b_t2v.json"),
                      (hunyuan_t2v, "vorta_hunyuan_video_t2v.json"),
-                     (wan22_5b_training_free, "vorta_wan22_5b_training_free.json")):
+                     (wan22_5b_training_free, "vorta_wan22_5b_training_free.json"),
+                     (wan22_5b_fidelity_check, "vorta_wan22_5b_fidelity_check.json")):
         (OUT / name).write_text(json.dumps(fn(), indent=1) + "\n")
         print("wrote", OUT / name)
 
