@@ -1,0 +1,76 @@
+"""FP8 (e4m3) attention numerics: the quantisation the FP8 kernels are to use, and a plain torch
+reference of attention computed that way (the CPU reference the kernels will be tested against).
+
+The scheme (SageAttention-style, adapted to one that does not depend on how a kernel blocks the
+sequence, so a reference can reproduce a kernel's quantisation bit for bit):
+
+* K is smoothed first: its per-head mean over the sequence is subtracted. Every score of a query row
+  then moves by the same amount (q . mean), which softmax ignores, while K's values centre on 0 and
+  use e4m3's range better (video DiTs' keys carry a large shared component).
+* Q and K: one scale per token (row), amax / 448, so a token's 128 values share an exponent range.
+  The scores are dot(q8, k8) * scale_q[m] * scale_k[n] with fp32 accumulation.
+* P: the online softmax's exp(s - running max) lies in (0, 1] and goes to e4m3 as it is (no scale);
+  its row sum l is taken in fp32 before the rounding.
+* V: one scale per channel over the whole sequence (amax / 448). P . V in fp32, then times the
+  channel scale and divided by l.
+
+``fp8_attention_reference`` computes this with the row's global max in place of the running one
+(the only difference from a kernel: where P's rounding happens, not how Q, K and V are rounded).
+Its distance from exact attention is the FP8 quality measure (``tests/test_fp8.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["E4M3_MAX", "FP8", "quantize_rows", "quantize_channels", "smooth_keys", "fp8_attention_reference"]
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+_TINY = 1e-12
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (last dim shared): (x8 e4m3 [..., L, D], scale float32 [..., L, 1]), x ~= x8 * scale.
+    A row of zeros gets scale 1 and zeros."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > _TINY, amax / E4M3_MAX, torch.ones_like(amax))
+    return (xf / scale).to(FP8), scale
+
+
+def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel over the sequence (dim -2): (x8 e4m3 [..., L, D], scale float32 [..., 1, D])."""
+    xf = x.float()
+    amax = xf.abs().amax(-2, keepdim=True)
+    scale = torch.where(amax > _TINY, amax / E4M3_MAX, torch.ones_like(amax))
+    return (xf / scale).to(FP8), scale
+
+
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """k minus its per-head mean over the sequence (fp32): softmax(q k^T) does not change."""
+    kf = k.float()
+    return kf - kf.mean(-2, keepdim=True)
+
+
+def fp8_attention_reference(q, k, v, *, scale: float | None = None, smooth: bool = True, fp8_p: bool = True,
+                            kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention [B, H, L, D] with Q, K, V (and P) rounded to e4m3 as the FP8 kernels round them;
+    float32 out. kv_mask: optional bool [B, Lk] (True = attend)."""
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q8, qs = quantize_rows(q)
+    k8, ks = quantize_rows(smooth_keys(k) if smooth else k)
+    v8, vs = quantize_channels(v)
+    s = (q8.float() @ k8.float().transpose(-1, -2)) * (qs * ks.transpose(-1, -2)) * scale
+    if kv_mask is not None:
+        s = s.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key left: zeros out
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    if fp8_p:
+        p = p.to(FP8).float()
+    out = (p @ v8.float()) * vs
+    return out / torch.where(l > 0, l, torch.ones_like(l))
