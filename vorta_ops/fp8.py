@@ -55,9 +55,11 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_attention_reference(q, k, v, *, scale: float | None = None, smooth: bool = True, fp8_p: bool = True,
-                            kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            kv_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention [B, H, L, D] with Q, K, V (and P) rounded to e4m3 as the FP8 kernels round them;
-    float32 out. kv_mask: optional bool [B, Lk] (True = attend)."""
+    float32 out. kv_mask: optional bool [B, Lk] (True = attend); attn_mask: optional bool
+    [Lq, Lk] (e.g. vorta_ops.sliding_tile.sliding_tile_mask: the FP8 sliding tile's reference).
+    Smoothing and V's scales use every key either way, as the kernels do."""
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q8, qs = quantize_rows(q)
@@ -66,6 +68,8 @@ def fp8_attention_reference(q, k, v, *, scale: float | None = None, smooth: bool
     s = (q8.float() @ k8.float().transpose(-1, -2)) * (qs * ks.transpose(-1, -2)) * scale
     if kv_mask is not None:
         s = s.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key left: zeros out
     p = torch.exp(s - m)

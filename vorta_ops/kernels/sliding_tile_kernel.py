@@ -52,6 +52,60 @@ def _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC: tl.constexpr, UPCAST
 
 
 @triton.jit
+def _e4m3(x, EMULATE: tl.constexpr):
+    """x (fp32) rounded to e4m3. EMULATE (the interpreter, whose conversion drops the carry when a
+    value rounds up into the next power of two): the same grid in fp32 arithmetic (3 mantissa bits,
+    subnormal step 2**-9, saturating at 448; ties away from zero, where the hardware rounds to even)."""
+    if EMULATE:
+        ax = tl.abs(x)
+        step = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(ax, 0.015625))) - 3.0)
+        r = tl.minimum(tl.math.floor(ax / step + 0.5) * step, 448.0)
+        return tl.where(x < 0, -r, r)
+    else:
+        return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_rows(x, EMULATE: tl.constexpr):
+    """Rows of x to e4m3 with one scale per row (amax / 448; 1 for a row of zeros), as
+    vorta_ops.fp8.quantize_rows: (x8, scale [R])."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    s = tl.where(amax > 1e-12, amax / 448.0, 1.0)
+    return _e4m3(xf / s[:, None], EMULATE), s
+
+
+@triton.jit
+def _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST: tl.constexpr):
+    """FP8 scores: k smoothed by its head's mean, both sides e4m3 with per-token scales; fp32 out."""
+    k8, k_s = _quant_rows(k.to(tl.float32) - k_mean[None, :], FP8_UPCAST)
+    if FP8_UPCAST:  # the interpreter: operands are e4m3 values held in fp32
+        qk = tl.dot(q8.to(tl.float32), tl.trans(k8.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q8, tl.trans(k8))
+    return qk * q_s[:, None] * k_s[None, :]
+
+
+@triton.jit
+def _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST: tl.constexpr):
+    """_attend with P and V in e4m3: P = exp2(...) as it is (in (0, 1]; l sums it in fp32 first),
+    V with its head's per-channel scales (the caller multiplies them back at the end)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p8 = _e4m3(p, FP8_UPCAST)
+    v8 = _e4m3(v.to(tl.float32) / v_s[None, :], FP8_UPCAST)
+    if FP8_UPCAST:
+        acc = tl.dot(p8, v8, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p8, v8, acc)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE: tl.constexpr):
     """Gather BLOCK_N key and value rows (row = source token positions); k and v share the
     offset arithmetic when their strides match."""
@@ -76,7 +130,7 @@ def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads,
+    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, KMean, VScale,
     s_qb, s_qh, s_qn,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
@@ -87,6 +141,7 @@ def _sta_fwd_kernel(
     NT, NH, NW,  # tiles per axis
     N_GRID, N_EXTRA, SEQ_LEN,  # packed key order: grid tokens [0, N_GRID), then N_EXTRA extras
     GRID_LEN, TILED_LEN,  # query (tiled) order: extras start at GRID_LEN, all padded to TILED_LEN
+    H_ALL,  # heads of q, k, v (rows of KMean / VScale per batch)
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,  # tile (tokens)
@@ -98,6 +153,8 @@ def _sta_fwd_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mis-handles bf16 (stored as uint16)
     HAS_KV: tl.constexpr,
     HAS_HEADS: tl.constexpr,  # program head i works on head Heads[i] of q, k, v and o
+    FP8: tl.constexpr,  # e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme): KMean / VScale [B, H_ALL, D] fp32
+    FP8_UPCAST: tl.constexpr,  # interpreter: e4m3 dot operands computed in fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -175,6 +232,11 @@ def _sta_fwd_kernel(
     q = tl.load(q_base + (row_q[:, None] * s_qn + offs_d[None, :]), mask=valid_q[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if FP8:
+        q8, q_s = _quant_rows(q, FP8_UPCAST)
+        head_row = (off_b64 * H_ALL + off_h64) * HEAD_DIM
+        k_mean = tl.load(KMean + head_row + offs_d)
+        v_s = tl.load(VScale + head_row + offs_d)
 
     if HAS_KV:
         kv_grid_ok = tl.load(KvGridOk + off_b64 * s_kvok_b) != 0
@@ -218,7 +280,10 @@ def _sta_fwd_kernel(
         dt = tl.where(wrap, dt + 1, dt)
 
         k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-        qk = _scores(q, k, F32_PREC, UPCAST)
+        if FP8:
+            qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
+        else:
+            qk = _scores(q, k, F32_PREC, UPCAST)
         if MASK_ALL:
             qk = tl.where(offs_n[None, :] < lim, qk + tl.load(bias_base + slot + offs_n)[None, :], float("-inf"))
         else:
@@ -226,7 +291,10 @@ def _sta_fwd_kernel(
                 if use_bias:
                     qk += tl.load(bias_base + slot + offs_n)[None, :]
                 qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
+        if FP8:
+            m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
+        else:
+            m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 
     # ---- loop 2: the extras (prefix + suffix tokens), zero iterations when there are none
     for it in range(0, n_ext):
@@ -238,12 +306,20 @@ def _sta_fwd_kernel(
         else:
             row = tl.maximum(pos, 0)
         k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-        qk = _scores(q, k, F32_PREC, UPCAST)
+        if FP8:
+            qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
+        else:
+            qk = _scores(q, k, F32_PREC, UPCAST)
         if HAS_KV or MASK_ALL:
             qk += tl.load(bias_base + slot + offs_n)[None, :]
         qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
+        if FP8:
+            m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
+        else:
+            m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    if FP8:
+        acc = acc * v_s[None, :]
     out = acc / l_i[:, None]
     tl.store(o_base + (row_q[:, None] * s_on + offs_d[None, :]), out.to(O.dtype.element_ty), mask=valid_q[:, None])

@@ -174,8 +174,20 @@ def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str
         raise RuntimeError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
 
 
+PRECISIONS = ("bf16", "fp8")
+
+
+def _fp8_tables(k, v):
+    """(k's per-head mean, v's per-channel scale), fp32 [B, H, D] contiguous: vorta_ops/fp8.py's
+    smoothing and V scales (one read of k and of v; no full-size copy)."""
+    k_mean = k.mean(2, dtype=torch.float32).contiguous()
+    lo, hi = torch.aminmax(v, dim=2)
+    amax = torch.maximum(-lo.float(), hi.float())
+    return k_mean, torch.where(amax > 1e-12, amax / 448.0, torch.ones_like(amax)).contiguous()
+
+
 def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None, out=None,
-              config=None, heads=None):
+              config=None, heads=None, precision="bf16"):
     """Validate, build the per-call tables and return (launch, out): launch() runs the kernel
     (writing out). Split from sliding_tile_forward so the benchmark can time the launch alone."""
     what = "sliding_tile_forward"
@@ -192,8 +204,14 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     o = out if out.stride(-1) == 1 else torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"{what}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    fp8 = precision == "fp8"
+    if fp8 and q.is_cuda and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"{what}: fp8 needs a GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell)")
     qsrc, ksrc, bias, grid_ok = _layout_tables(layout, device)
     n_h, head_tab = kernel_head_table(heads, H, device, what, qsrc)  # program heads; qsrc: a dummy table
+    k_mean, v_scale = _fp8_tables(k, v) if fp8 else (bias, bias)  # dummies when not fp8 (never read)
     if kv_mask is not None:
         bias, grid_ok = kv_tables(layout, ksrc, kv_mask, B)
     s_bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
@@ -205,7 +223,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     nt, nh, nw = layout.n_tiles
     idx64 = max((L - 1) * x.stride(2) for x in (q, k, v, o)) + D >= 2**31
     args = (
-        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab,
+        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab, k_mean, v_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -214,7 +232,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         n_h, B * n_h, float(scale) * _LOG2E,
         T, Hg, Wg, nt, nh, nw,
         layout.n_grid, layout.n_extra, layout.seq_len,
-        layout.grid_len, layout.tiled_len,
+        layout.grid_len, layout.tiled_len, H,
     )
     meta = dict(
         HEAD_DIM=D, LAYOUT_BLOCK=layout.block,
@@ -226,6 +244,8 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         HAS_KV=kv_mask is not None,
         HAS_HEADS=heads is not None,
+        FP8=fp8,
+        FP8_UPCAST=fp8 and interpreting(),
     )
     n_slots = layout.tiled_len
 
@@ -261,7 +281,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
 
 
 def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None,
-                         out=None, config=None, heads=None):
+                         out=None, config=None, heads=None, precision="bf16"):
     """Sliding-tile attention for an explicit layout, on tensors in the ORIGINAL order.
 
     q, k, v: [B, H, layout.seq_len, D], any strides (a last-dim stride other than 1 is copied).
@@ -273,8 +293,13 @@ def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *,
     heads: optional head subset (list of ints or 1-D int tensor; unique, in [0, H)): only those
     heads are computed, read from the full q, k, v and written into ``out`` (then required), whose
     other heads are left untouched. The device head table is cached per (heads, device).
+    precision: "bf16" (inputs' own dtype, fp32 accumulation), or "fp8": Q, K, P, V in e4m3 as
+    vorta_ops/fp8.py computes them (K smoothed by its head mean, per-token Q / K scales, per-channel V
+    scales; fp32 accumulation); its reference is vorta_ops.fp8.fp8_attention_reference. Not yet
+    timed on a GPU, so nothing selects it by default.
     """
-    launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads)
+    launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads,
+                            precision=precision)
     launch()
     return out
 
