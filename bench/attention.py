@@ -90,6 +90,13 @@ def sampled_sliding_reference(q, k, v, grid, cfg, rows):
     return sliding_tile_reference(q.float(), k.float(), v.float(), grid, cfg, rows=rows)
 
 
+def smooth_qkv(grid, heads):
+    """vorta_ops.demo's smooth, video-like q, k, v (local to global heads), bf16 on the GPU."""
+    from vorta_ops.demo import synthetic_video_qkv
+
+    return [x.to("cuda", torch.bfloat16) for x in synthetic_video_qkv(grid, heads=heads, head_dim=HEAD_DIM, seed=0)]
+
+
 def run_shape(name, spec, mix_full, iters, rows_n=1024):
     grid, H, D, B = spec["grid"], spec["heads"], HEAD_DIM, 1
     L = math.prod(grid)
@@ -134,6 +141,21 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
             err = float((o[:, :, rows].float() - ref).abs().max())
             add(f"sliding {bk} {label} {tile}", timeit(fn, iters=iters), flops, err,
                 f"tile_len {lay.tile_len}, pad {lay.padding_fraction:.1%}")
+        if "triton" in backends and torch.cuda.get_device_capability() >= (8, 9):
+            # the fp8 kernel (vorta_ops/fp8.py's scheme), with its distance from exact on random and on smooth,
+            # video-like inputs (relative L2 and cosine on the sampled rows)
+            from vorta_ops.kernels.sliding_tile_triton import _layout_for, sliding_tile_forward
+
+            layout = _layout_for(grid, cfg, 0, 0)
+            fn = lambda: sliding_tile_forward(q, k, v, layout, cfg, precision="fp8")  # noqa: E731
+            quality = []
+            for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth_qkv(grid, H))):
+                o = sliding_tile_forward(qq, kk, vv, layout, cfg, precision="fp8")[:, :, rows].float()
+                r = sampled_sliding_reference(qq, kk, vv, grid, cfg, rows)
+                rel = float((o - r).norm() / r.norm())
+                cos = float(F.cosine_similarity(o.flatten(), r.flatten(), dim=0))
+                quality.append(f"{kind}: rel L2 {rel:.4f}, cos {cos:.5f}")
+            add(f"sliding triton fp8 {label} {tile}", timeit(fn, iters=iters), flops, None, "; ".join(quality))
 
     ccfg = CoresetConfig()
     keep_tokens = None
