@@ -75,6 +75,19 @@ def server(request, tmp_path_factory):
     srv.stop()
 
 
+def training_free_apply(p, tile="1,2,3", window="1,3,1", **router):
+    """Put the Training-Free Router (node 2; tau 10: every sparse branch passes on random weights,
+    whose heads are all diffuse, so routing shows) and VORTA Apply (node 3) between a prompt's loader
+    (node 1) and its sampler (node 7). ``router``: the router node's inputs to change."""
+    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": 10.0, "warmup_percent": 0.0, "bins": 2,
+                                                                   "rows": 16, "seed": 0, **router}}
+    p["3"] = {"class_type": "VortaApply", "inputs": {
+        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": tile, "window": window, "bucket": "2,2,2",
+        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
+    p["7"]["inputs"]["model"] = ["3", 0]
+    return p
+
+
 def wan_prompt(router=None, tile="1,2,2", window="1,1,1", prefix="out", override_file=None, extra=None):
     p = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors", "weight_dtype": "default"}},

@@ -11,7 +11,7 @@ import re
 import pytest
 
 import comfy_harness as h
-from comfy_fixtures import WAN_BLOCKS, WAN_HEADS, gates, wan_prompt
+from comfy_fixtures import WAN_BLOCKS, WAN_HEADS, gates, training_free_apply, wan_prompt
 from vorta_ops.branches import N_BRANCHES
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(h.skip_reason() is not None, reason=h.skip_reason() or "")]
@@ -24,13 +24,7 @@ PREFIX = "vorta_calib_test"
 def _prompt(prefix=PREFIX):
     p = wan_prompt(None, prefix="calib", tile="1,2,3", window="1,3,1")
     p["7"]["inputs"].update(seed=next(_seeds), steps=STEPS)
-    # tau 10: every sparse branch passes on random weights (diffuse heads), so each routed step routes
-    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": 10.0, "warmup_percent": 0.0, "bins": 2,
-                                                                   "rows": 16, "seed": 0}}
-    p["3"] = {"class_type": "VortaApply", "inputs": {
-        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
-        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
-    p["7"]["inputs"]["model"] = ["3", 0]
+    training_free_apply(p)
     p["11"] = {"class_type": "VortaRouterLoader", "inputs": {"router_name": "wan_mix.safetensors"}}
     # what ran, and what the official router says on the same schedule
     p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": STEPS,

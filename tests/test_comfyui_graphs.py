@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import comfy_harness as h
-from comfy_fixtures import MIX, WAN_BLOCKS, gates, hunyuan_prompt, saved_latent, wan_prompt
+from comfy_fixtures import MIX, WAN_BLOCKS, gates, hunyuan_prompt, saved_latent, training_free_apply, wan_prompt
 from vorta_ops.router import CORESET, SLIDING
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,13 +309,7 @@ def test_training_free_router_routes_a_model_with_no_router_file(server):
     p = _prompt(None, prefix="tf", steps=4)
     p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
     p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 8, "width": 12}}
-    # tau 10: every sparse branch passes on random weights (whose heads are all diffuse), so routing shows
-    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": 10.0, "warmup_percent": 0.0, "bins": 2,
-                                                                   "rows": 16, "seed": 0}}
-    p["3"] = {"class_type": "VortaApply", "inputs": {
-        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
-        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
-    p["7"]["inputs"]["model"] = ["3", 0]
+    training_free_apply(p)
     p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": 4,
                                                               "scheduler": "simple", "latent": ["7", 0]}}
     tables = server.base / "models" / "vorta_routers" / "tables"
@@ -348,12 +342,7 @@ def _training_free_prompt(prefix, steps=10, tau=10.0):
     p = _prompt(None, prefix=prefix, steps=steps)
     p["1"]["inputs"]["unet_name"] = "tiny_wan22_5b.safetensors"
     p["6"] = {"class_type": "VortaTestLatent", "inputs": {"channels": 48, "frames": 3, "height": 8, "width": 12}}
-    p["2"] = {"class_type": "VortaTrainingFreeRouter", "inputs": {"tau": tau, "warmup_percent": 10.0, "bins": 2,
-                                                                   "rows": 16, "seed": 3, "keep_on_disk": False}}
-    p["3"] = {"class_type": "VortaApply", "inputs": {
-        "model": ["1", 0], "router": ["2", 0], "enabled": True, "tile": "1,2,3", "window": "1,3,1", "bucket": "2,2,2",
-        "keep_ratio": 0.5, "similarity": "auto", "dense_start_percent": 0.0, "dense_end_percent": 0.0, "dense_blocks": ""}}
-    p["7"]["inputs"]["model"] = ["3", 0]
+    training_free_apply(p, tau=tau, warmup_percent=10.0, seed=3, keep_on_disk=False)
     p["9"] = {"class_type": "VortaGateVisualizer", "inputs": {"model": ["3", 0], "mode": "last run", "steps": steps,
                                                               "scheduler": "simple", "latent": ["7", 0]}}
     return p
