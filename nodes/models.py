@@ -49,24 +49,21 @@ def router_suggestion(spec: ModelSpec) -> str:
     return _families.router_suggestion(spec)
 
 
-def check_router_fits(router, spec: ModelSpec) -> None:
-    """Raise a ValueError naming both sides when the router was not made for this model."""
-    mismatches = [
-        f"{what}: router {r}, model {m}"
-        for what, r, m in (
-            ("blocks", router.blocks, spec.blocks),
-            ("heads", router.heads, spec.heads),
-            ("embed dim", router.embed_dim, spec.embed_dim),
-        )
-        if r != m
-    ]
+def check_router_fits(router, spec: ModelSpec, kind: str = "VORTA router", advice: str | None = None) -> None:
+    """Raise a ValueError naming both sides when the router was not made for this model. A router
+    without an embedding (a measured table) is checked on family, blocks and heads; ``advice`` replaces
+    the family's closing suggestion."""
+    sizes = [("blocks", router.blocks, spec.blocks), ("heads", router.heads, spec.heads)]
+    if getattr(router, "embed_dim", None) is not None:
+        sizes.append(("embed dim", router.embed_dim, spec.embed_dim))
+    mismatches = [f"{what}: router {r}, model {m}" for what, r, m in sizes if r != m]
     if router.family not in ("generic", spec.family):
         mismatches.insert(0, f"family: router {router.family}, model {spec.family}")
     if mismatches:
         raise ValueError(
-            f"this VORTA router does not fit the model ({'; '.join(mismatches)}). "
+            f"this {kind} does not fit the model ({'; '.join(mismatches)}). "
             f"Router: {router.describe()}. Model: {spec.describe()}. "
-            f"{router_suggestion(spec)}"
+            f"{advice if advice is not None else router_suggestion(spec)}"
         )
 
 

@@ -294,7 +294,7 @@ class VortaRun(SharedOnCopy):
         self.cfg_scale = None  # the guider's CFG scale
         self.schedules: dict = {}  # sample sigmas -> (sampling percent per step, ends at zero)
         self.last_context: StepContext | None = None  # the latest step's context (what a saved table describes)
-        self.measured_calls = 0  # steps a measuring router measured (they run dense)
+        self.measured_calls = 0  # steps a measuring router measured (each routes by its own measurement)
         # (timestep key, Profiler) of the step being measured: every model call of that step (cond and
         # uncond may come as separate calls) adds to it; it is kept when the next step starts or the run ends
         self.open_profile = None
@@ -682,11 +682,11 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     if block >= fwd.table.shape[0] or H != fwd.table.shape[1]:
         return unroutable("block", f"block {block} with {H} heads is outside the router's {fwd.table.shape[0]} blocks x {fwd.table.shape[1]} heads")
     plan, pb = fwd.plan, block  # the plan and its row this call runs
+    kv_mask = _key_mask(kwargs.get("mask"), B, L)  # a bool [B, L] key mask, None, or "unsupported"
     if fwd.profiler is not None:  # a measuring router's span start: measure this block's heads, then route by them
         try:
-            km = _key_mask(kwargs.get("mask"), B, L)
             fwd.profiler.observe(block, qh, kh, vh, fwd.grid, fwd.cfg, n_prefix, n_suffix,
-                                 km if isinstance(km, torch.Tensor) else None)
+                                 kv_mask if isinstance(kv_mask, torch.Tensor) else None)
             if fwd.route_measured and block not in run.state.options.dense_blocks:
                 row = fwd.profiler.decide(block)
                 plan, pb = RoutingPlan.for_step(run.plans, row[None], fwd.grid, fwd.cfg), 0
@@ -701,7 +701,6 @@ def vorta_attention_override(state: VortaState, func, *args, **kwargs):
     if plan.all_full[pb]:
         _count(rec, plan.head_counts[pb], H)
         return dense()
-    kv_mask = _key_mask(kwargs.get("mask"), B, L)
     if isinstance(kv_mask, str):
         return unroutable("mask", "an attention mask that is not a key-padding mask")
     dense_kwargs = {kk: vv for kk, vv in kwargs.items() if kk not in ("heads", "skip_reshape", "skip_output_reshape", "_inside_attn_wrapper")}

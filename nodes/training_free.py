@@ -32,7 +32,7 @@ from vorta_ops.branches import FULL, N_BRANCHES
 from vorta_ops.measured import ErrorCache, MeasuredTable, span_key
 from vorta_ops.profiling import branch_costs, decide_for_budget, decide_from_errors, profile_heads, sample_rows
 
-from .models import ModelSpec
+from .models import ModelSpec, check_router_fits
 from .providers import SharedOnCopy, StepContext
 
 PERCENT_EPS = 1e-3  # as nodes.patch.PERCENT_EPS (ComfyUI's discrete schedules step by 1/999)
@@ -287,15 +287,8 @@ class MeasuredTableProvider(SharedOnCopy):
         return self.measured.describe()
 
     def check_fits(self, spec: ModelSpec) -> None:
-        m = self.measured
-        wrong = [f"{what}: router {r}, model {s}" for what, r, s in (("blocks", m.blocks, spec.blocks),
-                                                                     ("heads", m.heads, spec.heads)) if r != s]
-        if m.family not in ("generic", spec.family):
-            wrong.insert(0, f"family: router {m.family}, model {spec.family}")
-        if wrong:
-            raise ValueError(f"this measured VORTA router does not fit the model ({'; '.join(wrong)}). Router: "
-                             f"{m.describe()}. Model: {spec.describe()}. Measure this model with the VORTA "
-                             f"Training-Free Router and save that instead")
+        check_router_fits(self.measured, spec, "measured VORTA router",
+                          "Measure this model with the VORTA Training-Free Router and save that instead")
 
     def _span(self, ctx: StepContext) -> int | None:
         return self.measured.span_index(ctx.percent)
