@@ -495,6 +495,9 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
     ap.add_argument("--fp8", action="store_true", help="also fp8 weights (float8_e4m3fn), dense and with VORTA")
     ap.add_argument("--fast", default="", help="ComfyUI --fast features, e.g. fp8_matrix_mult")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in bench/results/e2e-<gpu>.json, replacing those this run measures again "
+                         "(same model, weights and method); each row's ratio is against dense cuDNN of its own run")
     a = ap.parse_args(argv)
     setup_comfy(a.comfy, a.fast.split(",") if a.fast else [])
     sys.path.insert(0, str(ROOT))
@@ -517,7 +520,36 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "comfyui": getattr(sys.modules["comfyui_version"], "__version__", "?"),
             "comfy_kitchen": ck}
+    if a.merge:
+        rows = merge_rows(previous_rows(meta["device"]), rows)
     write(rows, meta, a.steps)
+
+
+def _row_key(r: dict) -> tuple:
+    return r.get("model"), r.get("variant"), r.get("method")
+
+
+def previous_rows(device_name: str) -> list[dict]:
+    """The rows of an earlier run on this GPU (bench/results/e2e-<gpu>.json), [] when there is none."""
+    import json
+
+    from bench.attention import RESULTS
+
+    path = RESULTS / f"e2e-{device_name.lower().replace(' ', '-')}.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """old with the rows new measures again replaced in place; new's other rows after the last row of
+    their model (so a model's rows stay together), in new's order."""
+    fresh = {_row_key(r): r for r in new}
+    out = [fresh.pop(_row_key(r), r) for r in old]
+    for r in new:
+        if _row_key(r) not in fresh:
+            continue
+        at = max((i for i, o in enumerate(out) if o.get("model") == r.get("model")), default=len(out) - 1)
+        out.insert(at + 1, fresh.pop(_row_key(r)))
+    return out
 
 
 if __name__ == "__main__":
