@@ -97,7 +97,16 @@ def smooth_qkv(grid, heads):
     return [x.to("cuda", torch.bfloat16) for x in synthetic_video_qkv(grid, heads=heads, head_dim=HEAD_DIM, seed=0)]
 
 
-def run_shape(name, spec, mix_full, iters, rows_n=1024):
+def rel_cos(o: torch.Tensor, ref: torch.Tensor) -> str:
+    """'rel L2 x, cos y' of o against ref (both fp32)."""
+    rel = float((o - ref).norm() / ref.norm())
+    cos = float(F.cosine_similarity(o.flatten(), ref.flatten(), dim=0))
+    return f"rel L2 {rel:.4f}, cos {cos:.5f}"
+
+
+def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
+    from vorta_ops.kernels.fp8_triton import fp8_attention
+
     grid, H, D, B = spec["grid"], spec["heads"], HEAD_DIM, 1
     L = math.prod(grid)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -105,6 +114,13 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
     rows = torch.randperm(L, generator=torch.Generator().manual_seed(0))[:rows_n].cuda()
     dense_flops = 4.0 * D * L * L * B * H
     out = []
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    smooth_cache = []
+
+    def smooth():
+        if not smooth_cache:
+            smooth_cache.append(smooth_qkv(grid, H))
+        return smooth_cache[0]
 
     def add(method, ms, flops=None, err=None, note=""):
         out.append(dict(shape=name, grid=list(grid), heads=H, head_dim=D, tokens=L, method=method, ms=round(ms, 3),
@@ -126,7 +142,7 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         add("flash-attn", timeit(lambda: flash_attn_func(qt, kt, vt), iters=iters), dense_flops)
 
-    backends = available_backends()
+    backends = [b for b in available_backends() if not (no_flex and b == "flex")]
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         cfg = SlidingTileConfig(tile)
         lay = TileLayout(grid, tile, FLEX_BLOCK)
@@ -141,26 +157,24 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
             err = float((o[:, :, rows].float() - ref).abs().max())
             add(f"sliding {bk} {label} {tile}", timeit(fn, iters=iters), flops, err,
                 f"tile_len {lay.tile_len}, pad {lay.padding_fraction:.1%}")
-        if "triton" in backends and torch.cuda.get_device_capability() >= (8, 9):
-            # the fp8 kernel (vorta_ops/fp8.py's scheme), with its distance from exact on random and on smooth,
-            # video-like inputs (relative L2 and cosine on the sampled rows)
+        if "triton" in backends and fp8_ok:
+            # the fp8 kernel (vorta_ops/fp8.py's scheme): K and V prepared once ("fp8") or quantised per key block
+            # in the loop ("fp8-inloop"), with the distance from exact on random and smooth, video-like inputs
             from vorta_ops.kernels.sliding_tile_triton import _layout_for, sliding_tile_forward
 
             layout = _layout_for(grid, cfg, 0, 0)
-            fn = lambda: sliding_tile_forward(q, k, v, layout, cfg, precision="fp8")  # noqa: E731
-            quality = []
-            for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth_qkv(grid, H))):
-                o = sliding_tile_forward(qq, kk, vv, layout, cfg, precision="fp8")[:, :, rows].float()
-                r = sampled_sliding_reference(qq, kk, vv, grid, cfg, rows)
-                rel = float((o - r).norm() / r.norm())
-                cos = float(F.cosine_similarity(o.flatten(), r.flatten(), dim=0))
-                quality.append(f"{kind}: rel L2 {rel:.4f}, cos {cos:.5f}")
-            add(f"sliding triton fp8 {label} {tile}", timeit(fn, iters=iters), flops, None, "; ".join(quality))
+            for prec in ("fp8", "fp8-inloop"):
+                fn = lambda: sliding_tile_forward(q, k, v, layout, cfg, precision=prec)  # noqa: E731
+                quality = []
+                for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth())):
+                    o = sliding_tile_forward(qq, kk, vv, layout, cfg, precision=prec)[:, :, rows].float()
+                    quality.append(f"{kind}: {rel_cos(o, sampled_sliding_reference(qq, kk, vv, grid, cfg, rows))}")
+                add(f"sliding triton {prec} {label} {tile}", timeit(fn, iters=iters), flops, None, "; ".join(quality))
 
     ccfg = CoresetConfig()
     keep_tokens = None
     o_ref = coreset_attention(q, k, v, grid, ccfg)
-    for bk in ("torch", "triton"):
+    for bk in ("torch", "triton") + (("triton-fp8",) if fp8_ok else ()):
         if bk == "torch":
             fn = lambda: coreset_attention(q, k, v, grid, ccfg)
         else:
@@ -169,19 +183,37 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
             except Exception as e:  # not built yet / import error
                 print(f"  coreset triton unavailable: {e}")
                 continue
-            fn = lambda: coreset_triton(q, k, v, grid, ccfg)
+            prec = "fp8" if bk == "triton-fp8" else "bf16"
+            fn = lambda: coreset_triton(q, k, v, grid, ccfg, precision=prec)  # noqa: E731
         o = fn()
         from vorta_ops.coreset import bucket_index
 
         bi = bucket_index(grid, ccfg.bucket)
         keep_tokens = bi.centre.numel() * ccfg.n_keep + bi.rest.numel()
         err = float((o.float() - o_ref.float()).abs().max()) if bk != "torch" else 0.0
-        add(f"coreset {bk} keep {ccfg.keep_ratio}", timeit(fn, iters=iters), 4.0 * D * keep_tokens**2 * B * H, err,
-            f"core-set {keep_tokens} tokens")
+        note = f"core-set {keep_tokens} tokens"
+        if bk == "triton-fp8":  # vs the bf16 path's selection computed in fp32, on the sampled rows
+            err = None
+            quality = []
+            for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth())):
+                r = coreset_attention(qq.float(), kk.float(), vv.float(), grid, ccfg)[:, :, rows]
+                quality.append(f"{kind}: {rel_cos(coreset_triton(qq, kk, vv, grid, ccfg, precision='fp8')[:, :, rows].float(), r)}")
+            note += "; " + "; ".join(quality)
+        add(f"coreset {bk} keep {ccfg.keep_ratio}", timeit(fn, iters=iters), 4.0 * D * keep_tokens**2 * B * H, err, note)
     if keep_tokens:
         qc = q[:, :, :keep_tokens]
         add("sdpa on core-set size (floor)", timeit(lambda: F.scaled_dot_product_attention(qc, qc, qc), iters=iters),
             4.0 * D * keep_tokens**2 * B * H)
+        if fp8_ok:
+            add("fp8 dense on core-set size", timeit(lambda: fp8_attention(qc, qc, qc), iters=iters),
+                4.0 * D * keep_tokens**2 * B * H)
+    if fp8_ok:  # the dense fp8 kernel on the whole sequence (a candidate for the full branch)
+        quality = []
+        for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth())):
+            r = F.scaled_dot_product_attention(qq[:, :, rows].float(), kk.float(), vv.float())
+            quality.append(f"{kind}: {rel_cos(fp8_attention(qq[:, :, rows], kk, vv).float(), r)}")
+        add("dense fp8 (Triton)", timeit(lambda: fp8_attention(q, k, v), iters=iters), dense_flops, None,
+            "; ".join(quality))
 
     branches, scattered = branch_mix(H, mix_full), branch_mix(H, mix_full, scattered=True)
     n_full, n_slide = branches.count(FULL), branches.count(SLIDING)
@@ -195,6 +227,12 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024):
                     how = "branches on side streams" if concurrent else "branches in sequence"
                     add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c{suffix}",
                         timeit(fn, iters=iters), None, None, how)
+        if fp8_ok and "triton" in backends:
+            for suffix, pattern in (("", branches), (" scattered heads", scattered)):
+                cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, precision="fp8")
+                fn = lambda: routed_attention(q, k, v, pattern, grid, cfg)  # noqa: E731
+                add(f"routed fp8 {label} {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c{suffix}",
+                    timeit(fn, iters=iters), None, None, "branches in sequence; sliding + core-set in fp8")
     return out
 
 
@@ -239,6 +277,7 @@ def main(argv=None):
     p.add_argument("--mix", type=float, default=0.002, help="share of full-attention heads in the routed layer")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention rows (slow to compile)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.attention needs a CUDA GPU; timings are only meaningful there")
@@ -254,7 +293,7 @@ def main(argv=None):
                 iters=a.iters, rows=a.rows, python=platform.python_version())
     rows = []
     for name in a.shapes.split(","):
-        rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows)
+        rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows, a.no_flex)
         torch.cuda.empty_cache()
         write(finish(rows), meta)  # after every shape, so a cut-off run keeps what it measured
 

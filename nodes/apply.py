@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from vorta_ops.dispatch import PRECISIONS
+
 from .models import inspect_model
 from .prompt_check import marked_error
 from .patch import apply_vorta, build_options, tile_error
@@ -43,6 +45,11 @@ class VortaApply(io.ComfyNode):
                 io.Float.Input("tau_sparse", default=0.3, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="Official VORTA rule: a head whose top router probability is below this runs full "
                                        "attention (0.3, the official default, never triggers with three branches)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16", optional=True,
+                               tooltip="bf16: every branch in the model's dtype. fp8: the sliding-tile and core-set "
+                                       "branches in FP8 (e4m3) Triton kernels, full heads unchanged; needs an sm_89+ "
+                                       "GPU (RTX 40xx, L40, H100/H200, RTX 50xx, B200), else it says so once and runs "
+                                       "bf16. Check the cost on your prompt with VORTA Fidelity Check."),
             ],
             outputs=[io.Model.Output(tooltip="The model with VORTA routed attention.")],
         )
@@ -60,11 +67,11 @@ class VortaApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, router, enabled, tile, window, bucket, keep_ratio, similarity,
-                dense_start_percent, dense_end_percent, dense_blocks, tau_sparse=0.3) -> io.NodeOutput:
+                dense_start_percent, dense_end_percent, dense_blocks, tau_sparse=0.3, precision="bf16") -> io.NodeOutput:
         if not enabled:
             return io.NodeOutput(model)
         options = build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent,
-                                dense_blocks, tau_sparse)
+                                dense_blocks, tau_sparse, precision)
         inspect_model(model.model.diffusion_model)  # an unsupported model fails here, with the list
         patched, _ = apply_vorta(model, router, options)
         return io.NodeOutput(patched)

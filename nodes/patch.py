@@ -21,6 +21,7 @@ Nothing in this module imports ComfyUI at import time; the hook names are ComfyU
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -31,7 +32,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from vorta_ops.coreset import CoresetConfig
-from vorta_ops.dispatch import RoutedConfig
+from vorta_ops.dispatch import PRECISIONS, RoutedConfig
+from vorta_ops.fp8 import fp8_unsupported_reason
 from vorta_ops.layout import auto_tile
 from vorta_ops.branches import BRANCH_NAMES, BRANCHES, FULL, relative_work
 from vorta_ops.plan import RoutingPlan
@@ -99,6 +101,7 @@ class VortaOptions:
     dense_blocks: frozenset[int] = frozenset()
     sliding_backend: str = "auto"
     tau_sparse: float = 0.3  # official rule: a head whose top-1 router probability is below it runs full
+    precision: str = "bf16"  # bf16 | fp8 (sliding-tile and core-set branches in e4m3; sm_89+ GPUs)
 
     def __post_init__(self):
         if self.tile not in TILE_PRESETS:
@@ -107,6 +110,8 @@ class VortaOptions:
         CoresetConfig(self.bucket, self.keep_ratio, "q")
         if self.similarity not in ("auto", "q", "qk"):
             raise ValueError(f"similarity must be auto, q or qk, got {self.similarity!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.tau_sparse <= 1.0:
             raise ValueError(f"tau_sparse must be a probability in [0, 1], got {self.tau_sparse}")
         for name in ("dense_start", "dense_end"):
@@ -131,11 +136,12 @@ class VortaOptions:
             SlidingTileConfig(self.tile_for(spec, grid), self.window),
             CoresetConfig(self.bucket, self.keep_ratio, sim),
             self.sliding_backend,
+            precision=self.precision,
         )
 
 
 def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_percent, dense_end_percent, dense_blocks,
-                  tau_sparse=0.3):
+                  tau_sparse=0.3, precision="bf16"):
     return VortaOptions(
         tile=tile.strip(),
         window=parse_triple(window, "window"),
@@ -146,6 +152,7 @@ def build_options(tile, window, bucket, keep_ratio, similarity, dense_start_perc
         dense_end=dense_end_percent / 100.0,
         dense_blocks=parse_blocks(dense_blocks),
         tau_sparse=tau_sparse,
+        precision=precision,
     )
 
 
@@ -249,11 +256,16 @@ class VortaState(SharedOnCopy):
     def table_for(self, diffusion_model, t: float, dtype, device, sigma=float("nan"), percent=None, grid=None) -> torch.Tensor:
         return self.provider.table(self.step_context(diffusion_model, t, dtype, device, sigma, percent, grid))
 
-    def routed_config(self, grid) -> RoutedConfig:
-        """The branch configuration for a grid, resolved once per grid ("auto" tile and similarity)."""
-        cfg = self._configs.get(grid)
+    def routed_config(self, grid, precision: str | None = None) -> RoutedConfig:
+        """The branch configuration for a grid, resolved once per grid ("auto" tile and similarity);
+        precision: the options' own, or another (bf16 where fp8 cannot run)."""
+        key = (grid, precision)
+        cfg = self._configs.get(key)
         if cfg is None:
-            cfg = self._configs[grid] = self.options.routed_config(self.spec, grid)
+            cfg = self.options.routed_config(self.spec, grid)
+            if precision is not None and precision != cfg.precision:
+                cfg = dataclasses.replace(cfg, precision=precision)
+            self._configs[key] = cfg
         return cfg
 
     def is_dense_step(self, percent: float | None) -> bool:
@@ -530,7 +542,13 @@ def _forward_info(run: VortaRun, dm, to: dict, args, kwargs) -> ForwardInfo:
             run.open_profile = (key, profiler)
             run.measured_calls += 1
     table = run.state.apply_overrides(run.tables[key], percent)
-    plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, run.state.routed_config(grid))
+    cfg = run.state.routed_config(grid)
+    if cfg.precision == "fp8":
+        why = fp8_unsupported_reason(x.device)
+        if why is not None:
+            run.warn_once("precision", f"precision fp8: {why}; the sparse branches run in bf16 instead")
+            cfg = run.state.routed_config(grid, precision="bf16")
+    plan = run.last_plan = RoutingPlan.for_step(run.plans, table, grid, cfg)
     rec_key = step if step is not None else key
     if rec_key not in run.steps:
         run.steps[rec_key] = StepRecord(step, sigma, t, table, scores=step_scores(run.state.provider, ctx))

@@ -343,3 +343,35 @@ def test_key_mask_made_once_per_mask_object_and_again_after_a_change():
     again = P._key_mask(mask, 2, 6)
     assert again is not first and again.tolist() == [[True] * 3 + [False] * 3] * 2
     assert P._key_mask(mask.clone(), 2, 6) is not again  # another object: its own
+
+
+def test_precision_fp8_where_it_cannot_run_says_so_once_and_routes_in_bf16(caplog, monkeypatch):
+    """precision fp8 on a device without FP8 tensor cores (here the CPU): one warning naming what it
+    needs, and every step routes with the bf16 configuration (same plan config as precision bf16)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp8, got 'fp4'"):
+        P.VortaOptions(precision="fp4")
+    assert P.build_options("official", "3,3,3", "2,3,2", 0.5, "auto", 0, 0, "", 0.3, "fp8").precision == "fp8"
+    dm = WanModel()
+    plans = {}
+    for precision in ("fp8", "bf16"):
+        _, state = P.apply_vorta(FakePatcher(dm), router_for([[1, 2], [2, 1]]), P.VortaOptions(tile="1,2,2", precision=precision))
+        run = state.new_run()
+        seen = []
+
+        class Exec:
+            class_obj = dm
+
+            def __call__(self, x, timestep, context, clip_fea, tdc, to):
+                seen.append(to[P.FORWARD_KEY].plan.cfg)
+                return x
+
+        with caplog.at_level(logging.WARNING, logger="vorta"):
+            for sigma in (1.0, 0.5):
+                to = {P.STATE_KEY: run, "sigmas": torch.tensor([sigma]), "sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}
+                P.diffusion_model_wrapper(Exec(), torch.zeros(1, 16, 3, 8, 12), torch.tensor([sigma * 1000]), None, None,
+                                          None, to)
+        plans[precision] = seen
+    warned = [r.message for r in caplog.records if "precision fp8" in r.message]
+    assert len(warned) == 1 and "sm_89+" in warned[0] and "run in bf16 instead" in warned[0], warned
+    assert plans["fp8"] == plans["bf16"] and all(c.precision == "bf16" for c in plans["fp8"])

@@ -71,6 +71,8 @@ CASES = {
     # (relative L2 <= 1%: P is rounded at the running max in the kernel) and against exact (<= 5%)
     "fp8_extras_video_like": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 1), pre=1, suf=3, H=2,
                                   precision="fp8", mem="blhd"),
+    "fp8_inloop_kv_mask_heads": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), pre=2, suf=4, B=2, H=3,
+                                     heads=[1, 2], kv="suffix", precision="fp8-inloop", mem="blhd"),
     "fp8_kv_mask_heads_bf16": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), suf=4, B=2, H=3, heads=[2, 0],
                                    kv="suffix", precision="fp8", dtype="bfloat16"),
     "blhd_inputs_blhd_out": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=2, H=2, mem="blhd",
@@ -124,7 +126,7 @@ stt.register()
 
 
 def make_qkv(c, B, H, L, D, dtype):
-    if c["precision"] == "fp8":  # smooth, video-like heads (the regime the fp8 error bar is for) + extras
+    if c["precision"].startswith("fp8"):  # smooth, video-like heads (the regime the fp8 error bar is for) + extras
         from vorta_ops.demo import synthetic_video_qkv
         grid, pre, suf = tuple(c["grid"]), c["pre"], c["suf"]
         qkv = synthetic_video_qkv(grid, heads=H, head_dim=D, batch=B, seed=0)
@@ -206,7 +208,7 @@ def run(name, c):
         others = [h for h in range(H) if h not in heads]
         untouched = bool(torch.isnan(out[:, others]).all())  # poison kept: no other head written
         out = out[:, heads]
-    if c["precision"] == "fp8":
+    if c["precision"].startswith("fp8"):
         mask = sliding_tile_mask(grid, cfg, pre, suf)
         sel = (lambda x: x) if heads is None else (lambda x: x[:, heads])
         ref8 = sel(fp8_attention_reference(q, k, v, attn_mask=mask, kv_mask=kv_mask))

@@ -44,8 +44,8 @@ TITLE_W = 320
 OPTIONAL_UNLINKED = {("VortaGateVisualizer", "router"), ("VortaGateVisualizer", "sigmas"), ("Wan22ImageToVideoLatent", "start_image")}
 
 # VortaApply widgets: enabled, tile, window, bucket, keep_ratio, similarity, dense start %, dense end %, dense blocks,
-# tau_sparse
-APPLY_DEFAULT = [True, "official", "3,3,3", "2,3,2", 0.5, "auto", 0.0, 0.0, "", 0.3]
+# tau_sparse, precision
+APPLY_DEFAULT = [True, "official", "3,3,3", "2,3,2", 0.5, "auto", 0.0, 0.0, "", 0.3, "bf16"]
 GATE_LAST_RUN = ["last run", 20, "simple"]
 
 

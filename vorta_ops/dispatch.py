@@ -23,7 +23,7 @@ from .full import full_attention
 from .router import CORESET, FULL, SLIDING
 from .sliding_tile import SlidingTileConfig, sliding_tile_attention
 
-__all__ = ["RoutedConfig", "routed_attention", "head_groups", "run_groups"]
+__all__ = ["RoutedConfig", "PRECISIONS", "routed_attention", "head_groups", "run_groups"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,26 @@ class RoutedConfig:
     # core-set's memory-bound passes may overlap the other's compute. Off by default: on the H100
     # it measured mixed (Wan 720p official tiles 41.4 -> 44.9 ms, HunyuanVideo 55.0 -> 52.9 ms).
     concurrent: bool = False
+    # "bf16": every branch in the inputs' dtype. "fp8": the sliding-tile and core-set branches in e4m3
+    # (vorta_ops/fp8.py's numerics, Triton kernels, sm_89+); full heads stay on the dense backend.
+    precision: str = "bf16"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"RoutedConfig: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp8":
+            for what, name in (("sliding_backend", self.sliding_backend), ("coreset_backend", self.coreset_backend)):
+                if name not in ("auto", "triton", "triton-fp8"):
+                    raise ValueError(f"RoutedConfig: precision fp8 runs on the Triton kernels; {what} {name!r} has no "
+                                     "fp8 path (use auto or triton)")
+
+    def backend(self, branch: int) -> str:
+        """The backend name a sparse branch runs on (precision fp8: the kernels' "triton-fp8")."""
+        name = self.sliding_backend if branch == SLIDING else self.coreset_backend
+        return "triton-fp8" if self.precision == "fp8" else name
+
+
+PRECISIONS = ("bf16", "fp8")
 
 
 def head_groups(branches) -> dict[int, list[int]]:
@@ -64,11 +84,11 @@ def _run_branch(
         return res if out is None else out.copy_(res)
     if branch == CORESET:
         return coreset_branch(
-            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.coreset_backend,
+            q, k, v, grid, cfg.coreset, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.backend(CORESET),
             out=out, heads=heads,
         )
     return sliding_tile_attention(
-        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.sliding_backend,
+        q, k, v, grid, cfg.sliding, n_prefix, n_suffix, kv_mask=kv_mask, scale=scale, backend=cfg.backend(SLIDING),
         out=out, heads=heads,
     )
 

@@ -20,15 +20,45 @@ Its distance from exact attention is the FP8 quality measure (``tests/test_fp8.p
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 
 import torch
 
-__all__ = ["E4M3_MAX", "FP8", "quantize_rows", "quantize_channels", "smooth_keys", "fp8_attention_reference"]
+__all__ = ["E4M3_MAX", "FP8", "fp8_supported", "fp8_unsupported_reason", "quantize_rows", "quantize_channels", "smooth_keys", "fp8_attention_reference"]
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 _TINY = 1e-12
+
+
+def fp8_unsupported_reason(device) -> str | None:
+    """Why the FP8 kernels cannot run on ``device`` (one line), or None where they can: a CUDA GPU
+    with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) and triton (or the
+    Triton interpreter, TRITON_INTERPRET=1)."""
+    dev = torch.device(device)
+    return _reason(dev.type, dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None))
+
+
+@functools.lru_cache(maxsize=16)
+def _reason(kind: str, index) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the FP8 kernels need triton, which is not installed"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    if kind != "cuda":
+        return f"the FP8 kernels need a CUDA GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); the model runs on {kind}"
+    cap = torch.cuda.get_device_capability(index)
+    if cap < (8, 9):
+        return (f"the FP8 kernels need FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name(index)} is sm_{cap[0]}{cap[1]}")
+    return None
+
+
+def fp8_supported(device) -> bool:
+    return fp8_unsupported_reason(device) is None
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ only the data movement is fused. Three launches (plus the attention itself):
    (its own slot, or its centre's slot b when dropped), and optionally the int32 original
    positions of the query / key core-sets (``gather``, needed for a kv_mask).
 2. Attention on the compact tensors (``vorta_ops.full.full_attention``; SDPA with a per-head
-   boolean mask when a kv_mask is given).
+   boolean mask when a kv_mask is given; with precision "fp8" ``fp8_triton.fp8_attention``).
 3. ``_expand_kernel`` -- out[b, h, l, :] = oc[b, h, back[b, h, l], :], one program per
    (batch * head, block of rows), writing through arbitrary output strides (e.g. straight into a
    [B, L, H, D] buffer viewed as [B, H, L, D]).
@@ -59,6 +59,7 @@ from ..full import full_attention
 from ..layout import check_grid
 from . import coreset_configs as cc
 from .coreset_kernels import _expand_kernel, _select_gather_kernel
+from .fp8_triton import check_fp8_device, fp8_attention
 
 __all__ = ["CoresetCompact", "coreset_select_gather", "coreset_expand", "coreset_triton", "register"]
 
@@ -188,16 +189,22 @@ def coreset_expand(oc: torch.Tensor, back: torch.Tensor, out: torch.Tensor, head
 
 def coreset_triton(
     q, k, v, grid, cfg: CoresetConfig = CoresetConfig(), n_prefix: int = 0, n_suffix: int = 0,
-    *, kv_mask=None, scale=None, out=None, heads=None,
+    *, kv_mask=None, scale=None, out=None, heads=None, precision: str = "bf16",
 ):
     """Core-set attention (semantics of ``coreset_attention``). q, k, v: [B, H, L, D] original
     order, any strides -> [B, H, L, D] (``out`` if given, else a new tensor laid out like q).
     heads: optional head subset (list of ints or 1-D int tensor; unique, in [0, H)): only those
     heads are computed, read from the full q, k, v and written into ``out`` (then required), whose
-    other heads are left untouched. The device head table is cached per (heads, device)."""
+    other heads are left untouched. The device head table is cached per (heads, device).
+    precision: "bf16" (SDPA on the core-set), or "fp8": the core-set's attention in e4m3
+    (fp8_triton.fp8_attention, vorta_ops/fp8.py's numerics; sm_89+)."""
     grid = check_grid(grid)
     L = n_prefix + math.prod(grid) + n_suffix
     _check_qkv(q, k, v, L, grid, n_prefix, n_suffix, "coreset_triton")
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"coreset_triton: precision must be bf16 or fp8, got {precision!r}")
+    if precision == "fp8":
+        check_fp8_device(q, "coreset_triton")
     if heads is not None:
         require_out(out, q, "coreset_triton")
     if out is not None and (out.shape != q.shape or out.device != q.device):
@@ -214,16 +221,20 @@ def coreset_triton(
     if heads is not None:  # validated once: both launches share the table
         heads = HeadTable(head_index(heads, q.shape[1], q.device, "coreset_triton"))
     cs = coreset_select_gather(q, k, v, grid, cfg, n_prefix, n_suffix, return_gather=kv_mask is not None, heads=heads)
-    if kv_mask is None:
-        oc = full_attention(cs.qc, cs.kc, cs.vc, scale=scale)
-    else:
+    mask = None
+    if kv_mask is not None:
         B, H, Lc = cs.k_gather.shape  # H: the subset's heads with heads=
         km = kv_mask.to(device=q.device, dtype=torch.bool)
         if km.dim() == 1:
             km = km[None]
         km = km.expand(B, L)
-        mask = km.gather(1, cs.k_gather.reshape(B, H * Lc).long()).view(B, H, 1, Lc)
-        oc = F.scaled_dot_product_attention(cs.qc, cs.kc, cs.vc, attn_mask=mask, scale=scale)
+        mask = km.gather(1, cs.k_gather.reshape(B, H * Lc).long()).view(B, H, Lc)
+    if precision == "fp8":
+        oc = fp8_attention(cs.qc, cs.kc, cs.vc, kv_mask=mask, scale=scale)
+    elif mask is None:
+        oc = full_attention(cs.qc, cs.kc, cs.vc, scale=scale)
+    else:
+        oc = F.scaled_dot_product_attention(cs.qc, cs.kc, cs.vc, attn_mask=mask[:, :, None], scale=scale)
     if out is None:
         out = torch.empty_like(q)
     if oc.dtype != out.dtype:
@@ -236,3 +247,5 @@ def register() -> None:
     from ..coreset import register_backend
 
     register_backend("triton", coreset_triton, writes_out=True, takes_heads=True)
+    register_backend("triton-fp8", functools.partial(coreset_triton, precision="fp8"), writes_out=True,
+                     takes_heads=True)

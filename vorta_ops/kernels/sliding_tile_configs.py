@@ -63,7 +63,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return keep
 
 
-TUNE_KEY = ["TILED_LEN", "SEQ_LEN", "HEAD_DIM", "LAYOUT_BLOCK", "TT", "TH", "TW", "HAS_KV"]
+TUNE_KEY = ["TILED_LEN", "SEQ_LEN", "HEAD_DIM", "LAYOUT_BLOCK", "TT", "TH", "TW", "HAS_KV", "FP8"]
 
 
 def _make_tuned():

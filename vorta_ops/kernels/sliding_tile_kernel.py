@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fp8_kernels import _attend_e4m3, _e4m3, _quant_rows, _scores_e4m3
+
 __all__ = ["interpreting"]
 
 
@@ -49,30 +51,6 @@ def _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC: tl.constexpr, UPCAST
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _e4m3(x, EMULATE: tl.constexpr):
-    """x (fp32) rounded to e4m3. EMULATE (the interpreter, whose conversion drops the carry when a
-    value rounds up into the next power of two): the same grid in fp32 arithmetic (3 mantissa bits,
-    subnormal step 2**-9, saturating at 448; ties away from zero, where the hardware rounds to even)."""
-    if EMULATE:
-        ax = tl.abs(x)
-        step = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(ax, 0.015625))) - 3.0)
-        r = tl.minimum(tl.math.floor(ax / step + 0.5) * step, 448.0)
-        return tl.where(x < 0, -r, r)
-    else:
-        return x.to(tl.float8e4nv)
-
-
-@triton.jit
-def _quant_rows(x, EMULATE: tl.constexpr):
-    """Rows of x to e4m3 with one scale per row (amax / 448; 1 for a row of zeros), as
-    vorta_ops.fp8.quantize_rows: (x8, scale [R])."""
-    xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), 1)
-    s = tl.where(amax > 1e-12, amax / 448.0, 1.0)
-    return _e4m3(xf / s[:, None], EMULATE), s
 
 
 @triton.jit
@@ -119,6 +97,15 @@ def _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE: tl.constex
 
 
 @triton.jit
+def _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM: tl.constexpr):
+    """BLOCK_N prepared key slots from `slot` on: K8 rows [N, D] and V8T columns [D, N] (contiguous)."""
+    cols = slot + offs_n
+    k8 = tl.load(k8_base + cols[:, None] * HEAD_DIM + offs_d[None, :])
+    v8t = tl.load(v8_base + offs_d[:, None] * LP + cols[None, :])
+    return k8, v8t
+
+
+@triton.jit
 def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -130,7 +117,7 @@ def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, KMean, VScale,
+    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, KMean, VScale, K8, KS, V8T,
     s_qb, s_qh, s_qn,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
@@ -142,6 +129,7 @@ def _sta_fwd_kernel(
     N_GRID, N_EXTRA, SEQ_LEN,  # packed key order: grid tokens [0, N_GRID), then N_EXTRA extras
     GRID_LEN, TILED_LEN,  # query (tiled) order: extras start at GRID_LEN, all padded to TILED_LEN
     H_ALL,  # heads of q, k, v (rows of KMean / VScale per batch)
+    LP,  # FP8 == 2: slots per program head of K8 / KS / V8T (packed key order, zero padded)
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,  # tile (tokens)
@@ -153,7 +141,9 @@ def _sta_fwd_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mis-handles bf16 (stored as uint16)
     HAS_KV: tl.constexpr,
     HAS_HEADS: tl.constexpr,  # program head i works on head Heads[i] of q, k, v and o
-    FP8: tl.constexpr,  # e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme): KMean / VScale [B, H_ALL, D] fp32
+    FP8: tl.constexpr,  # 0: off. e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme; VScale [B, H_ALL, D] fp32): 1 = K and V
+    #   quantised per block in the loop (KMean [B, H_ALL, D]); 2 = read from the preparation pass's packed
+    #   K8 [B*n_heads, LP, D], KS [B*n_heads, LP], V8T [B*n_heads, D, LP] (fp8_kernels._fp8_kv_prep_kernel)
     FP8_UPCAST: tl.constexpr,  # interpreter: e4m3 dot operands computed in fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -175,6 +165,7 @@ def _sta_fwd_kernel(
     off_h = bh % n_heads
     if HAS_HEADS:
         off_h = tl.load(Heads + off_h).to(tl.int32)  # int32 or int64 tables
+    bh64 = bh.to(tl.int64)  # FP8 == 2: the program head's rows of K8 / KS / V8T
     start_m = mblk * BLOCK_M
 
     # -- query tile coordinates, window start and span per axis
@@ -235,8 +226,13 @@ def _sta_fwd_kernel(
     if FP8:
         q8, q_s = _quant_rows(q, FP8_UPCAST)
         head_row = (off_b64 * H_ALL + off_h64) * HEAD_DIM
-        k_mean = tl.load(KMean + head_row + offs_d)
         v_s = tl.load(VScale + head_row + offs_d)
+        if FP8 == 1:
+            k_mean = tl.load(KMean + head_row + offs_d)
+        else:
+            k8_base = K8 + bh64 * LP * HEAD_DIM
+            ks_base = KS + bh64 * LP
+            v8_base = V8T + bh64 * HEAD_DIM * LP
 
     if HAS_KV:
         kv_grid_ok = tl.load(KvGridOk + off_b64 * s_kvok_b) != 0
@@ -265,11 +261,12 @@ def _sta_fwd_kernel(
         slot = ka * TT * HGWG + vt * (kb * TH * WG + vh * lo_w * TW) + o_n  # packed key slot of the block
         lim = row_len - o_n  # keys [0, lim) of the block are the row's
         full = (lim >= BLOCK_N) & kv_grid_ok
-        pos = tl.load(KSrc + slot + offs_n)
-        if IDX64:
-            row = tl.maximum(pos, 0).to(tl.int64)
-        else:
-            row = tl.maximum(pos, 0)
+        if FP8 != 2:
+            pos = tl.load(KSrc + slot + offs_n)
+            if IDX64:
+                row = tl.maximum(pos, 0).to(tl.int64)
+            else:
+                row = tl.maximum(pos, 0)
         # advance the odometer
         blk += 1
         wrap = blk == nb_row
@@ -279,11 +276,15 @@ def _sta_fwd_kernel(
         dh = tl.where(wrap, 0, dh)
         dt = tl.where(wrap, dt + 1, dt)
 
-        k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-        if FP8:
-            qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
+        if FP8 == 2:
+            k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
+            qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
         else:
-            qk = _scores(q, k, F32_PREC, UPCAST)
+            k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
+            if FP8:
+                qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
+            else:
+                qk = _scores(q, k, F32_PREC, UPCAST)
         if MASK_ALL:
             qk = tl.where(offs_n[None, :] < lim, qk + tl.load(bias_base + slot + offs_n)[None, :], float("-inf"))
         else:
@@ -291,7 +292,9 @@ def _sta_fwd_kernel(
                 if use_bias:
                     qk += tl.load(bias_base + slot + offs_n)[None, :]
                 qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        if FP8:
+        if FP8 == 2:
+            m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
+        elif FP8:
             m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
@@ -300,20 +303,26 @@ def _sta_fwd_kernel(
     for it in range(0, n_ext):
         slot = N_GRID + it * BLOCK_N
         lim = N_EXTRA - it * BLOCK_N
-        pos = tl.load(KSrc + slot + offs_n)
-        if IDX64:
-            row = tl.maximum(pos, 0).to(tl.int64)
+        if FP8 == 2:
+            k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
+            qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
         else:
-            row = tl.maximum(pos, 0)
-        k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-        if FP8:
-            qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
-        else:
-            qk = _scores(q, k, F32_PREC, UPCAST)
+            pos = tl.load(KSrc + slot + offs_n)
+            if IDX64:
+                row = tl.maximum(pos, 0).to(tl.int64)
+            else:
+                row = tl.maximum(pos, 0)
+            k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
+            if FP8:
+                qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
+            else:
+                qk = _scores(q, k, F32_PREC, UPCAST)
         if HAS_KV or MASK_ALL:
             qk += tl.load(bias_base + slot + offs_n)[None, :]
         qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        if FP8:
+        if FP8 == 2:
+            m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
+        elif FP8:
             m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)

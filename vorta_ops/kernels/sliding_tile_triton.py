@@ -48,6 +48,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._backends import head_index, kernel_head_table, require_out
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
+from .fp8_triton import check_fp8_device, fp8_prepare_kv, fp8_stats
 from .sliding_tile_configs import INTERPRET_CONFIG, sta_fwd_tuned
 from .sliding_tile_kernel import _sta_fwd_kernel, interpreting
 
@@ -174,16 +175,10 @@ def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str
         raise RuntimeError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
 
 
-PRECISIONS = ("bf16", "fp8")
-
-
-def _fp8_tables(k, v):
-    """(k's per-head mean, v's per-channel scale), fp32 [B, H, D] contiguous: vorta_ops/fp8.py's
-    smoothing and V scales (one read of k and of v; no full-size copy)."""
-    k_mean = k.mean(2, dtype=torch.float32).contiguous()
-    lo, hi = torch.aminmax(v, dim=2)
-    amax = torch.maximum(-lo.float(), hi.float())
-    return k_mean, torch.where(amax > 1e-12, amax / 448.0, torch.ones_like(amax)).contiguous()
+# "fp8": K and V quantised once by the preparation pass (fp8_triton.fp8_prepare_kv) into the packed key
+# order, the kernel reading e4m3 blocks; "fp8-inloop": every key block quantised in the kernel's loop
+# (the first FP8 version, kept for the A/B timing in bench.attention). Same numerics, same reference.
+PRECISIONS = ("bf16", "fp8", "fp8-inloop")
 
 
 def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None, out=None,
@@ -191,6 +186,11 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     """Validate, build the per-call tables and return (launch, out): launch() runs the kernel
     (writing out). Split from sliding_tile_forward so the benchmark can time the launch alone."""
     what = "sliding_tile_forward"
+    if precision not in PRECISIONS:
+        raise ValueError(f"{what}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    fp8_mode = PRECISIONS.index(precision)  # the kernel's FP8 constexpr: 0 off, 2 prepared, 1 in the loop
+    if fp8_mode:
+        check_fp8_device(q, what)
     _check_inputs(q, k, v, layout, cfg, what)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, L, D = q.shape
@@ -204,14 +204,13 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     o = out if out.stride(-1) == 1 else torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"{what}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    fp8 = precision == "fp8"
-    if fp8 and q.is_cuda and torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"{what}: fp8 needs a GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell)")
     qsrc, ksrc, bias, grid_ok = _layout_tables(layout, device)
     n_h, head_tab = kernel_head_table(heads, H, device, what, qsrc)  # program heads; qsrc: a dummy table
-    k_mean, v_scale = _fp8_tables(k, v) if fp8 else (bias, bias)  # dummies when not fp8 (never read)
+    k_mean, v_scale = fp8_stats(k, v) if fp8_mode else (bias, bias)  # dummies when not fp8 (never read)
+    k8, ks, v8t, lp = bias, bias, bias, 0
+    if fp8_mode == 2:
+        k8, ks, v8t, _, lp = fp8_prepare_kv(k, v, n_slots=ksrc.numel(), src=ksrc, n_h=n_h, stats=(k_mean, v_scale),
+                                            head_tab=head_tab if heads is not None else None)
     if kv_mask is not None:
         bias, grid_ok = kv_tables(layout, ksrc, kv_mask, B)
     s_bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
@@ -223,7 +222,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     nt, nh, nw = layout.n_tiles
     idx64 = max((L - 1) * x.stride(2) for x in (q, k, v, o)) + D >= 2**31
     args = (
-        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab, k_mean, v_scale,
+        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab, k_mean, v_scale, k8, ks, v8t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -232,7 +231,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         n_h, B * n_h, float(scale) * _LOG2E,
         T, Hg, Wg, nt, nh, nw,
         layout.n_grid, layout.n_extra, layout.seq_len,
-        layout.grid_len, layout.tiled_len, H,
+        layout.grid_len, layout.tiled_len, H, lp,
     )
     meta = dict(
         HEAD_DIM=D, LAYOUT_BLOCK=layout.block,
@@ -244,8 +243,8 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         HAS_KV=kv_mask is not None,
         HAS_HEADS=heads is not None,
-        FP8=fp8,
-        FP8_UPCAST=fp8 and interpreting(),
+        FP8=fp8_mode,
+        FP8_UPCAST=bool(fp8_mode) and interpreting(),
     )
     n_slots = layout.tiled_len
 
@@ -295,8 +294,10 @@ def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *,
     other heads are left untouched. The device head table is cached per (heads, device).
     precision: "bf16" (inputs' own dtype, fp32 accumulation), or "fp8": Q, K, P, V in e4m3 as
     vorta_ops/fp8.py computes them (K smoothed by its head mean, per-token Q / K scales, per-channel V
-    scales; fp32 accumulation); its reference is vorta_ops.fp8.fp8_attention_reference. Not yet
-    timed on a GPU, so nothing selects it by default.
+    scales; fp32 accumulation; sm_89+); its reference is vorta_ops.fp8.fp8_attention_reference. K and
+    V are quantised once per call into the packed key order (fp8_triton.fp8_prepare_kv), Q per query
+    block in the kernel. ("fp8-inloop": the same numerics, K and V quantised per key block in the
+    loop; kept for A/B timing.)
     """
     launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads,
                             precision=precision)
@@ -332,7 +333,7 @@ def _layout(grid, tile, block, n_prefix, n_suffix) -> TileLayout:
 
 
 def sliding_tile_triton(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suffix=0, *, kv_mask=None, scale=None,
-                        out=None, heads=None):
+                        out=None, heads=None, precision="bf16"):
     """Backend with the signature of sliding_tile_reference: q, k, v [B, H, L, D] in the original
     (t-major) order, any strides -> [B, H, L, D] in the original order (``out`` if given, else a new
     tensor laid out like q). The layout block comes from layout_block(cfg.tile). ``heads``: only
@@ -344,11 +345,15 @@ def sliding_tile_triton(q, k, v, grid, cfg: SlidingTileConfig, n_prefix=0, n_suf
             f"{tuple(layout.grid)} + {n_prefix} prefix + {n_suffix} suffix tokens, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    return sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, heads=heads)
+    return sliding_tile_forward(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, heads=heads,
+                                precision=precision)
 
 
 def register() -> None:
-    """Register this kernel as the "triton" sliding-tile backend (writes into out=, takes heads=)."""
+    """Register this kernel as the "triton" sliding-tile backend (writes into out=, takes heads=), and its
+    FP8 precision as "triton-fp8"."""
     from ..sliding_tile import register_backend
 
     register_backend("triton", sliding_tile_triton, writes_out=True, takes_heads=True)
+    register_backend("triton-fp8", functools.partial(sliding_tile_triton, precision="fp8"), writes_out=True,
+                     takes_heads=True)
