@@ -86,12 +86,15 @@ def run_shape(name, spec, mix_full, iters):
         qkv = [block.split(torch.randn_like(x)) for _ in range(3)]
         add("dense self-attention alone", lambda qkv=qkv: dense(*qkv))
         del qkv
-        for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
-            cfg = RoutedConfig(SlidingTileConfig(tile), CoresetConfig())
-            routed = lambda q, k, v, cfg=cfg: routed_attention(q, k, v, branches, grid, cfg)  # noqa: E731
-            n = {b: branches.count(b) for b in (FULL, SLIDING, CORESET)}
-            add(f"block, VORTA routed ({label} tiles {tile})", lambda: block(x, ctx, routed),
-                f"{n[FULL]}/{n[SLIDING]}/{n[CORESET]} full/sliding/core-set heads, scattered")
+        precisions = ("bf16", "fp8") if torch.cuda.get_device_capability() >= (8, 9) else ("bf16",)
+        for precision in precisions:
+            for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
+                cfg = RoutedConfig(SlidingTileConfig(tile), CoresetConfig(), precision=precision)
+                routed = lambda q, k, v, cfg=cfg: routed_attention(q, k, v, branches, grid, cfg)  # noqa: E731
+                n = {b: branches.count(b) for b in (FULL, SLIDING, CORESET)}
+                what = "VORTA routed" if precision == "bf16" else "VORTA routed, sparse branches fp8"
+                add(f"block, {what} ({label} tiles {tile})", lambda: block(x, ctx, routed),
+                    f"{n[FULL]}/{n[SLIDING]}/{n[CORESET]} full/sliding/core-set heads, scattered")
     finish(rows)
     return rows
 

@@ -165,7 +165,8 @@ def test_fp8_dense_full_size_within_the_bar():
     assert rel_cos(out[:, :1, rows[:64]].float(), r8)[0] <= 0.01
     poison = torch.full_like(q, float("nan"))
     fp8_attention(q, k, v, out=poison, heads=[2, 0])
-    assert torch.isnan(poison[:, 1]).all() and torch.equal(poison[:, [0, 2]], out[:, [0, 2]])
+    assert torch.isnan(poison[:, 1]).all()  # a subset compiles its own kernel: equal to a bf16 ulp, not bitwise
+    torch.testing.assert_close(poison[:, [0, 2]], out[:, [0, 2]], atol=1e-2, rtol=1e-2)
 
 
 def test_fp8_coreset_full_size_within_the_bar():
