@@ -104,7 +104,7 @@ def rel_cos(o: torch.Tensor, ref: torch.Tensor) -> str:
     return f"rel L2 {rel:.4f}, cos {cos:.5f}"
 
 
-def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
+def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False, fp8_only=False):
     from vorta_ops.kernels.fp8_triton import fp8_attention
 
     grid, H, D, B = spec["grid"], spec["heads"], HEAD_DIM, 1
@@ -128,7 +128,8 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
         print(f"{name:>14} {method:<34} {ms:9.2f} ms  {note}", flush=True)
 
     ref_dense = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float())
-    for method, backend in (("dense sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("dense sdpa flash", SDPBackend.FLASH_ATTENTION)):
+    dense_backends = (("dense sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("dense sdpa flash", SDPBackend.FLASH_ATTENTION))
+    for method, backend in dense_backends[:1] if fp8_only else dense_backends:
         try:
             with sdpa_kernel(backend):
                 o = F.scaled_dot_product_attention(q, k, v)
@@ -136,13 +137,13 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
                 add(method, timeit(lambda: F.scaled_dot_product_attention(q, k, v), iters=iters), dense_flops, err)
         except RuntimeError as e:
             print(f"  {method} unavailable: {e}")
-    if FLASH_ATTN_AVAILABLE:
+    if FLASH_ATTN_AVAILABLE and not fp8_only:
         from flash_attn import flash_attn_func
 
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         add("flash-attn", timeit(lambda: flash_attn_func(qt, kt, vt), iters=iters), dense_flops)
 
-    backends = [b for b in available_backends() if not (no_flex and b == "flex")]
+    backends = [b for b in available_backends() if not ((no_flex or fp8_only) and b == "flex")]
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         cfg = SlidingTileConfig(tile)
         lay = TileLayout(grid, tile, FLEX_BLOCK)
@@ -158,12 +159,12 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
             add(f"sliding {bk} {label} {tile}", timeit(fn, iters=iters), flops, err,
                 f"tile_len {lay.tile_len}, pad {lay.padding_fraction:.1%}")
         if "triton" in backends and fp8_ok:
-            # the fp8 kernel (vorta_ops/fp8.py's scheme): K and V prepared once ("fp8") or quantised per key block
-            # in the loop ("fp8-inloop"), with the distance from exact on random and smooth, video-like inputs
+            # the fp8 kernel (vorta_ops/fp8.py's scheme; K and V prepared once per call), with its distance from
+            # exact on random and smooth, video-like inputs
             from vorta_ops.kernels.sliding_tile_triton import _layout_for, sliding_tile_forward
 
             layout = _layout_for(grid, cfg, 0, 0)
-            for prec in ("fp8", "fp8-inloop"):
+            for prec in ("fp8",):
                 fn = lambda: sliding_tile_forward(q, k, v, layout, cfg, precision=prec)  # noqa: E731
                 quality = []
                 for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth())):
@@ -173,8 +174,8 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
 
     ccfg = CoresetConfig()
     keep_tokens = None
-    o_ref = coreset_attention(q, k, v, grid, ccfg)
-    for bk in ("torch", "triton") + (("triton-fp8",) if fp8_ok else ()):
+    o_ref = None if fp8_only else coreset_attention(q, k, v, grid, ccfg)
+    for bk in ("torch", "triton")[fp8_only:] + (("triton-fp8",) if fp8_ok else ()):
         if bk == "torch":
             fn = lambda: coreset_attention(q, k, v, grid, ccfg)
         else:
@@ -190,7 +191,7 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
 
         bi = bucket_index(grid, ccfg.bucket)
         keep_tokens = bi.centre.numel() * ccfg.n_keep + bi.rest.numel()
-        err = float((o.float() - o_ref.float()).abs().max()) if bk != "torch" else 0.0
+        err = None if fp8_only else float((o.float() - o_ref.float()).abs().max()) if bk != "torch" else 0.0
         note = f"core-set {keep_tokens} tokens"
         if bk == "triton-fp8":  # vs the bf16 path's selection computed in fp32, on the sampled rows
             err = None
@@ -200,14 +201,14 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
                 quality.append(f"{kind}: {rel_cos(coreset_triton(qq, kk, vv, grid, ccfg, precision='fp8')[:, :, rows].float(), r)}")
             note += "; " + "; ".join(quality)
         add(f"coreset {bk} keep {ccfg.keep_ratio}", timeit(fn, iters=iters), 4.0 * D * keep_tokens**2 * B * H, err, note)
-    if keep_tokens:
+    if keep_tokens and not fp8_only:
         qc = q[:, :, :keep_tokens]
         add("sdpa on core-set size (floor)", timeit(lambda: F.scaled_dot_product_attention(qc, qc, qc), iters=iters),
             4.0 * D * keep_tokens**2 * B * H)
         if fp8_ok:
             add("fp8 dense on core-set size", timeit(lambda: fp8_attention(qc, qc, qc), iters=iters),
                 4.0 * D * keep_tokens**2 * B * H)
-    if fp8_ok:  # the dense fp8 kernel on the whole sequence (a candidate for the full branch)
+    if fp8_ok and not fp8_only:  # the dense fp8 kernel on the whole sequence (a candidate for the full branch)
         quality = []
         for kind, (qq, kk, vv) in (("random", (q, k, v)), ("smooth", smooth())):
             r = F.scaled_dot_product_attention(qq[:, :, rows].float(), kk.float(), vv.float())
@@ -218,6 +219,8 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
     branches, scattered = branch_mix(H, mix_full), branch_mix(H, mix_full, scattered=True)
     n_full, n_slide = branches.count(FULL), branches.count(SLIDING)
     patterns = (("", branches, (False, True)), (" scattered heads", scattered, (False,)))  # side streams: contiguous only
+    if fp8_only:
+        patterns = patterns[1:]
     for label, tile in (("official", spec["tile"]), ("aligned", ALIGNED_TILE)):
         for bk in [b for b in ("triton", "flex") if b in backends][:1]:
             for suffix, pattern, concurrents in patterns:
@@ -228,7 +231,7 @@ def run_shape(name, spec, mix_full, iters, rows_n=1024, no_flex=False):
                     add(f"routed {label} ({bk}) {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c{suffix}",
                         timeit(fn, iters=iters), None, None, how)
         if fp8_ok and "triton" in backends:
-            for suffix, pattern in (("", branches), (" scattered heads", scattered)):
+            for suffix, pattern in ((("", branches),) if not fp8_only else ()) + ((" scattered heads", scattered),):
                 cfg = RoutedConfig(SlidingTileConfig(tile), ccfg, precision="fp8")
                 fn = lambda: routed_attention(q, k, v, pattern, grid, cfg)  # noqa: E731
                 add(f"routed fp8 {label} {n_full}/{n_slide}/{H - n_full - n_slide} f/s/c{suffix}",
@@ -241,7 +244,7 @@ def finish(rows):
     for r in rows:
         by_shape.setdefault(r["shape"], []).append(r)
     for shape_rows in by_shape.values():
-        dense = [r for r in shape_rows if r["method"].startswith(("dense", "flash-attn"))]
+        dense = [r for r in shape_rows if r["method"].startswith(("dense sdpa", "flash-attn"))]  # bf16 dense backends
         best = min(dense, key=lambda r: r["ms"])
         best_tflops = best["kept_flops"] / best["ms"] / 1e9
         for r in shape_rows:
@@ -257,18 +260,19 @@ def _fmt_err(e):
     return "" if e is None else f"{e:.2e}"
 
 
-def write(rows, meta):
+def write(rows, meta, kind="attention", note=""):
     lines = [f"# Attention benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, head dim {HEAD_DIM}, batch 1, one call; median of {meta['iters']} runs. "
              f"Speed-up is against the best dense SDPA backend of the same run; TFLOP/s ratio is per kept block (padding counted as work) vs that dense. "
              f"Kept work is counted on the block-128 tile layout; the Triton kernel skips whole padding blocks, so where a grid pads a lot (Wan 1.3B 480p: 39%) its ratio can exceed 1. "
-             f"Errors: max abs vs exact references on {meta['rows']} sampled query rows (sliding, dense) or vs the torch core-set path (core-set).", "",
+             f"Errors: max abs vs exact references on {meta['rows']} sampled query rows (sliding, dense) or vs the torch core-set path (core-set); "
+             "fp8 rows give relative L2 and cosine against exact on the sampled rows instead.", ""] + ([note, ""] if note else []) + [
              "| shape | method | ms | x vs dense | TFLOP/s | kept-block TFLOP/s ÷ dense | max abs err | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['method']} | {r['ms']:.2f} | {r['speedup_vs_dense_best']:.2f} | {r['tflops'] or ''} | "
                      f"{r['kept_block_tflops_ratio'] if r['kept_block_tflops_ratio'] is not None else ''} | "
                      f"{_fmt_err(r['max_abs_err'])} | {r['note']} |")
-    save_results("attention", rows, meta, lines)
+    save_results(kind, rows, meta, lines)
 
 
 def main(argv=None):
@@ -278,6 +282,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention rows (slow to compile)")
+    p.add_argument("--fp8-only", action="store_true",
+                   help="only dense cuDNN, the Triton kernels in bf16 and fp8 and routed scattered heads in both "
+                        "(bench/results/attention_fp8-<gpu>.*)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.attention needs a CUDA GPU; timings are only meaningful there")
@@ -293,9 +300,9 @@ def main(argv=None):
                 iters=a.iters, rows=a.rows, python=platform.python_version())
     rows = []
     for name in a.shapes.split(","):
-        rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows, a.no_flex)
+        rows += run_shape(name, SHAPES[name], a.mix, a.iters, a.rows, a.no_flex, a.fp8_only)
         torch.cuda.empty_cache()
-        write(finish(rows), meta)  # after every shape, so a cut-off run keeps what it measured
+        write(finish(rows), meta, "attention_fp8" if a.fp8_only else "attention")  # after every shape, so a cut-off run keeps what it measured
 
 
 if __name__ == "__main__":

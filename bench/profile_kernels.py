@@ -22,6 +22,7 @@ from vorta_ops.sliding_tile import ALIGNED_TILE, SlidingTileConfig
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="wan14b-720p", choices=sorted(SHAPES))
+    p.add_argument("--fp8", action="store_true", help="only the aligned sliding tile in bf16 and in fp8")
     a = p.parse_args(argv)
     from vorta_ops.kernels.coreset_triton import coreset_triton
     from vorta_ops.kernels.sliding_tile_triton import sliding_tile_triton
@@ -37,6 +38,10 @@ def main(argv=None):
         "sliding aligned": lambda: sliding_tile_triton(q, k, v, grid, SlidingTileConfig(ALIGNED_TILE)),
         "coreset": lambda: coreset_triton(q, k, v, grid, CoresetConfig()),
     }
+    if a.fp8:
+        cfg = SlidingTileConfig(ALIGNED_TILE)
+        calls = {f"sliding aligned {p}": (lambda p=p: sliding_tile_triton(q, k, v, grid, cfg, precision=p))
+                 for p in ("bf16", "fp8")}
     for fn in calls.values():  # autotune, compile, warm caches: outside the profiled region
         fn(), fn()
     torch.cuda.synchronize()

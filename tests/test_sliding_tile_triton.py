@@ -71,8 +71,8 @@ CASES = {
     # (relative L2 <= 1%: P is rounded at the running max in the kernel) and against exact (<= 5%)
     "fp8_extras_video_like": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 1), pre=1, suf=3, H=2,
                                   precision="fp8", mem="blhd"),
-    "fp8_inloop_kv_mask_heads": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), pre=2, suf=4, B=2, H=3,
-                                     heads=[1, 2], kv="suffix", precision="fp8-inloop", mem="blhd"),
+    "fp8_prefix_kv_mask_heads_blhd": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), pre=2, suf=4, B=2, H=3,
+                                          heads=[1, 2], kv="suffix", precision="fp8", mem="blhd"),
     "fp8_kv_mask_heads_bf16": dict(grid=(3, 4, 5), tile=(2, 2, 2), window=(3, 3, 3), suf=4, B=2, H=3, heads=[2, 0],
                                    kv="suffix", precision="fp8", dtype="bfloat16"),
     "blhd_inputs_blhd_out": dict(grid=(3, 5, 4), tile=(2, 2, 2), window=(3, 3, 3), pre=2, H=2, mem="blhd",

@@ -9,7 +9,9 @@ scales and V as e4m3 TRANSPOSED ([D, LP]: the reduction axis of P . V contiguous
 FP8 tensor-core instructions want for their second operand), both in a key order given by an
 index table (the sliding tile's packed order; identity for dense attention). An attention kernel
 then reads contiguous e4m3 blocks: half the bytes of bf16, no per-block quantisation work, and no
-dependent index load in its inner loop.
+dependent index load in its inner loop. Measured on the H200 (Wan-14B 720p, aligned tiles): V in
+rows instead of transposed doubles the sliding-tile kernel's time, and quantising K and V per key
+block inside the loop instead of once quadruples it.
 """
 from __future__ import annotations
 

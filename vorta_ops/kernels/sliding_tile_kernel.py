@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fp8_kernels import _attend_e4m3, _e4m3, _quant_rows, _scores_e4m3
+from .fp8_kernels import _attend_e4m3, _quant_rows, _scores_e4m3
 
 __all__ = ["interpreting"]
 
@@ -54,36 +54,6 @@ def _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC: tl.constexpr, UPCAST
 
 
 @triton.jit
-def _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST: tl.constexpr):
-    """FP8 scores: k smoothed by its head's mean, both sides e4m3 with per-token scales; fp32 out."""
-    k8, k_s = _quant_rows(k.to(tl.float32) - k_mean[None, :], FP8_UPCAST)
-    if FP8_UPCAST:  # the interpreter: operands are e4m3 values held in fp32
-        qk = tl.dot(q8.to(tl.float32), tl.trans(k8.to(tl.float32)), input_precision="ieee")
-    else:
-        qk = tl.dot(q8, tl.trans(k8))
-    return qk * q_s[:, None] * k_s[None, :]
-
-
-@triton.jit
-def _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST: tl.constexpr):
-    """_attend with P and V in e4m3: P = exp2(...) as it is (in (0, 1]; l sums it in fp32 first),
-    V with its head's per-channel scales (the caller multiplies them back at the end)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    p8 = _e4m3(p, FP8_UPCAST)
-    v8 = _e4m3(v.to(tl.float32) / v_s[None, :], FP8_UPCAST)
-    if FP8_UPCAST:
-        acc = tl.dot(p8, v8, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p8, v8, acc)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE: tl.constexpr):
     """Gather BLOCK_N key and value rows (row = source token positions); k and v share the
     offset arithmetic when their strides match."""
@@ -98,7 +68,10 @@ def _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE: tl.constex
 
 @triton.jit
 def _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM: tl.constexpr):
-    """BLOCK_N prepared key slots from `slot` on: K8 rows [N, D] and V8T columns [D, N] (contiguous)."""
+    """BLOCK_N prepared key slots from `slot` on: K8 rows [N, D] and V8T columns [D, N]. V transposed
+    is what Hopper's FP8 tensor-core instruction wants for P . V: measured on the H200 (Wan-14B 720p,
+    aligned tiles), V in rows doubles the kernel's time and quantising K / V per block in the loop
+    quadruples it (bench/results/attention*-nvidia-h200.md)."""
     cols = slot + offs_n
     k8 = tl.load(k8_base + cols[:, None] * HEAD_DIM + offs_d[None, :])
     v8t = tl.load(v8_base + offs_d[:, None] * LP + cols[None, :])
@@ -117,7 +90,7 @@ def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, KMean, VScale, K8, KS, V8T,
+    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, VScale, K8, KS, V8T,
     s_qb, s_qh, s_qn,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
@@ -128,8 +101,8 @@ def _sta_fwd_kernel(
     NT, NH, NW,  # tiles per axis
     N_GRID, N_EXTRA, SEQ_LEN,  # packed key order: grid tokens [0, N_GRID), then N_EXTRA extras
     GRID_LEN, TILED_LEN,  # query (tiled) order: extras start at GRID_LEN, all padded to TILED_LEN
-    H_ALL,  # heads of q, k, v (rows of KMean / VScale per batch)
-    LP,  # FP8 == 2: slots per program head of K8 / KS / V8T (packed key order, zero padded)
+    H_ALL,  # heads of q, k, v (rows of VScale per batch)
+    LP,  # FP8: slots per program head of K8 / KS / V8T (packed key order, zero padded)
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,  # tile (tokens)
@@ -141,9 +114,9 @@ def _sta_fwd_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot mis-handles bf16 (stored as uint16)
     HAS_KV: tl.constexpr,
     HAS_HEADS: tl.constexpr,  # program head i works on head Heads[i] of q, k, v and o
-    FP8: tl.constexpr,  # 0: off. e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme; VScale [B, H_ALL, D] fp32): 1 = K and V
-    #   quantised per block in the loop (KMean [B, H_ALL, D]); 2 = read from the preparation pass's packed
-    #   K8 [B*n_heads, LP, D], KS [B*n_heads, LP], V8T [B*n_heads, D, LP] (fp8_kernels._fp8_kv_prep_kernel)
+    FP8: tl.constexpr,  # e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme): K and V read from the preparation pass's
+    #   packed K8 [B*n_heads, LP, D], KS [B*n_heads, LP], V8T [B*n_heads, D, LP] (fp8_kernels._fp8_kv_prep_kernel);
+    #   Q quantised per row here; VScale [B, H_ALL, D] fp32
     FP8_UPCAST: tl.constexpr,  # interpreter: e4m3 dot operands computed in fp32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -165,7 +138,7 @@ def _sta_fwd_kernel(
     off_h = bh % n_heads
     if HAS_HEADS:
         off_h = tl.load(Heads + off_h).to(tl.int32)  # int32 or int64 tables
-    bh64 = bh.to(tl.int64)  # FP8 == 2: the program head's rows of K8 / KS / V8T
+    bh64 = bh.to(tl.int64)  # FP8: the program head's rows of K8 / KS / V8T
     start_m = mblk * BLOCK_M
 
     # -- query tile coordinates, window start and span per axis
@@ -227,12 +200,9 @@ def _sta_fwd_kernel(
         q8, q_s = _quant_rows(q, FP8_UPCAST)
         head_row = (off_b64 * H_ALL + off_h64) * HEAD_DIM
         v_s = tl.load(VScale + head_row + offs_d)
-        if FP8 == 1:
-            k_mean = tl.load(KMean + head_row + offs_d)
-        else:
-            k8_base = K8 + bh64 * LP * HEAD_DIM
-            ks_base = KS + bh64 * LP
-            v8_base = V8T + bh64 * HEAD_DIM * LP
+        k8_base = K8 + bh64 * LP * HEAD_DIM
+        ks_base = KS + bh64 * LP
+        v8_base = V8T + bh64 * HEAD_DIM * LP
 
     if HAS_KV:
         kv_grid_ok = tl.load(KvGridOk + off_b64 * s_kvok_b) != 0
@@ -261,7 +231,7 @@ def _sta_fwd_kernel(
         slot = ka * TT * HGWG + vt * (kb * TH * WG + vh * lo_w * TW) + o_n  # packed key slot of the block
         lim = row_len - o_n  # keys [0, lim) of the block are the row's
         full = (lim >= BLOCK_N) & kv_grid_ok
-        if FP8 != 2:
+        if not FP8:
             pos = tl.load(KSrc + slot + offs_n)
             if IDX64:
                 row = tl.maximum(pos, 0).to(tl.int64)
@@ -276,15 +246,12 @@ def _sta_fwd_kernel(
         dh = tl.where(wrap, 0, dh)
         dt = tl.where(wrap, dt + 1, dt)
 
-        if FP8 == 2:
+        if FP8:
             k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
             qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
         else:
             k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-            if FP8:
-                qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
-            else:
-                qk = _scores(q, k, F32_PREC, UPCAST)
+            qk = _scores(q, k, F32_PREC, UPCAST)
         if MASK_ALL:
             qk = tl.where(offs_n[None, :] < lim, qk + tl.load(bias_base + slot + offs_n)[None, :], float("-inf"))
         else:
@@ -292,10 +259,8 @@ def _sta_fwd_kernel(
                 if use_bias:
                     qk += tl.load(bias_base + slot + offs_n)[None, :]
                 qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        if FP8 == 2:
+        if FP8:
             m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
-        elif FP8:
-            m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 
@@ -303,7 +268,7 @@ def _sta_fwd_kernel(
     for it in range(0, n_ext):
         slot = N_GRID + it * BLOCK_N
         lim = N_EXTRA - it * BLOCK_N
-        if FP8 == 2:
+        if FP8:
             k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
             qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
         else:
@@ -313,17 +278,12 @@ def _sta_fwd_kernel(
             else:
                 row = tl.maximum(pos, 0)
             k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
-            if FP8:
-                qk = _scores_fp8(q8, q_s, k, k_mean, FP8_UPCAST)
-            else:
-                qk = _scores(q, k, F32_PREC, UPCAST)
+            qk = _scores(q, k, F32_PREC, UPCAST)
         if HAS_KV or MASK_ALL:
             qk += tl.load(bias_base + slot + offs_n)[None, :]
         qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
-        if FP8 == 2:
+        if FP8:
             m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
-        elif FP8:
-            m_i, l_i, acc = _attend_fp8(v, qk, m_i, l_i, acc, qk_scale, v_s, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 

@@ -48,7 +48,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._backends import head_index, kernel_head_table, require_out
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
-from .fp8_triton import check_fp8_device, fp8_prepare_kv, fp8_stats
+from .fp8_triton import check_fp8_device, fp8_prepare_kv
 from .sliding_tile_configs import INTERPRET_CONFIG, sta_fwd_tuned
 from .sliding_tile_kernel import _sta_fwd_kernel, interpreting
 
@@ -175,10 +175,9 @@ def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str
         raise RuntimeError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
 
 
-# "fp8": K and V quantised once by the preparation pass (fp8_triton.fp8_prepare_kv) into the packed key
-# order, the kernel reading e4m3 blocks; "fp8-inloop": every key block quantised in the kernel's loop
-# (the first FP8 version, kept for the A/B timing in bench.attention). Same numerics, same reference.
-PRECISIONS = ("bf16", "fp8", "fp8-inloop")
+# "fp8": K and V quantised once per call by the preparation pass (fp8_triton.fp8_prepare_kv) into the
+# packed key order, V transposed; the kernel reads e4m3 blocks and quantises Q per query block.
+PRECISIONS = ("bf16", "fp8")
 
 
 def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None, out=None,
@@ -188,8 +187,8 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     what = "sliding_tile_forward"
     if precision not in PRECISIONS:
         raise ValueError(f"{what}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    fp8_mode = PRECISIONS.index(precision)  # the kernel's FP8 constexpr: 0 off, 2 prepared, 1 in the loop
-    if fp8_mode:
+    fp8 = precision == "fp8"
+    if fp8:
         check_fp8_device(q, what)
     _check_inputs(q, k, v, layout, cfg, what)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -206,11 +205,10 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
 
     qsrc, ksrc, bias, grid_ok = _layout_tables(layout, device)
     n_h, head_tab = kernel_head_table(heads, H, device, what, qsrc)  # program heads; qsrc: a dummy table
-    k_mean, v_scale = fp8_stats(k, v) if fp8_mode else (bias, bias)  # dummies when not fp8 (never read)
-    k8, ks, v8t, lp = bias, bias, bias, 0
-    if fp8_mode == 2:
-        k8, ks, v8t, _, lp = fp8_prepare_kv(k, v, n_slots=ksrc.numel(), src=ksrc, n_h=n_h, stats=(k_mean, v_scale),
-                                            head_tab=head_tab if heads is not None else None)
+    v_scale, k8, ks, v8t, lp = bias, bias, bias, bias, 0  # dummies when not fp8 (never read)
+    if fp8:
+        k8, ks, v8t, v_scale, lp = fp8_prepare_kv(k, v, n_slots=ksrc.numel(), src=ksrc, n_h=n_h,
+                                                  head_tab=head_tab if heads is not None else None)
     if kv_mask is not None:
         bias, grid_ok = kv_tables(layout, ksrc, kv_mask, B)
     s_bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
@@ -222,7 +220,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     nt, nh, nw = layout.n_tiles
     idx64 = max((L - 1) * x.stride(2) for x in (q, k, v, o)) + D >= 2**31
     args = (
-        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab, k_mean, v_scale, k8, ks, v8t,
+        q, k, v, o, qsrc, ksrc, bias, grid_ok, head_tab, v_scale, k8, ks, v8t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -243,8 +241,8 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         HAS_KV=kv_mask is not None,
         HAS_HEADS=heads is not None,
-        FP8=fp8_mode,
-        FP8_UPCAST=bool(fp8_mode) and interpreting(),
+        FP8=fp8,
+        FP8_UPCAST=fp8 and interpreting(),
     )
     n_slots = layout.tiled_len
 
@@ -296,8 +294,7 @@ def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *,
     vorta_ops/fp8.py computes them (K smoothed by its head mean, per-token Q / K scales, per-channel V
     scales; fp32 accumulation; sm_89+); its reference is vorta_ops.fp8.fp8_attention_reference. K and
     V are quantised once per call into the packed key order (fp8_triton.fp8_prepare_kv), Q per query
-    block in the kernel. ("fp8-inloop": the same numerics, K and V quantised per key block in the
-    loop; kept for A/B timing.)
+    block in the kernel.
     """
     launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads,
                             precision=precision)
