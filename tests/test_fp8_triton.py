@@ -229,3 +229,12 @@ def test_routed_config_checks_precision():
         RoutedConfig(precision="fp8", sliding_backend="flex")
     assert RoutedConfig(precision="fp8").backend(2) == "triton-fp8"
     assert RoutedConfig().backend(1) == "auto"
+
+
+def test_precision_is_not_part_of_the_branch_settings_routers_are_measured_at():
+    """Measured routers and the disk cache name their branch settings by repr(RoutedConfig): files
+    written before precision existed still match, and fp8 does not make a measured table stale."""
+    from vorta_ops.dispatch import RoutedConfig
+
+    assert repr(RoutedConfig(precision="fp8")) == repr(RoutedConfig())
+    assert "precision" not in repr(RoutedConfig()) and RoutedConfig(precision="fp8") != RoutedConfig()

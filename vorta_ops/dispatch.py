@@ -38,7 +38,9 @@ class RoutedConfig:
     concurrent: bool = False
     # "bf16": every branch in the inputs' dtype. "fp8": the sliding-tile and core-set branches in e4m3
     # (vorta_ops/fp8.py's numerics, Triton kernels, sm_89+); full heads stay on the dense backend.
-    precision: str = "bf16"
+    # Left out of repr: measured routers and the training-free disk cache describe their branch settings
+    # by repr, and which kernels run a branch does not change what the branch computes.
+    precision: str = field(default="bf16", repr=False)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
