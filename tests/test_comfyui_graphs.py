@@ -277,6 +277,18 @@ def test_apply_switched_off_is_bit_identical_to_no_patch(server):
     assert gates(entry, "9")["steps"] == ["0000"] * 3
 
 
+def test_precision_fp8_where_it_cannot_run_says_so_once_and_routes_in_bf16(server):
+    """precision fp8 on a machine without FP8 tensor cores (this CPU server): one warning per sampling
+    run (here two: the graph and its reference) naming what fp8 needs, and the run routes exactly like
+    the bf16 reference."""
+    p = _predict_on_sampler_model(_prompt(prefix="fp8_cpu"))
+    p["3"]["inputs"]["precision"] = "fp8"
+    mark = len(server.log.read_text())
+    _routes_like_reference(server, p, "fp8_cpu")
+    warned = [ln for ln in _log_since(server, mark).splitlines() if "precision fp8:" in ln]
+    assert len(warned) == 2 and all("sm_89+" in w and "run in bf16 instead" in w for w in warned), warned
+
+
 def test_summary_counts_every_video_self_attention_call(server):
     """dense_start 50% of 4 steps and a router with block 0 all full: 2 dense steps x 4 head-calls
     + 2 routed steps x (2 full + 2 sparse) -> full 75%."""
