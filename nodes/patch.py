@@ -417,14 +417,27 @@ def _named_args(fn, args, kwargs) -> dict:
         return dict(kwargs)
 
 
+_HOST_SIGMAS = WeakIdKeyDictionary()  # sample_sigmas tensor -> (its version, its values as host floats)
+
+
+def _host_sigmas(sample: torch.Tensor) -> tuple[float, ...]:
+    """sample_sigmas as host floats, read back once per tensor (and version), not once per model call."""
+    if torch.compiler.is_compiling():
+        return tuple(sample.reshape(-1).float().cpu().tolist())
+    found = _HOST_SIGMAS.get(sample)
+    if found is None or found[0] != sample._version:
+        found = _HOST_SIGMAS[sample] = (sample._version, tuple(sample.reshape(-1).float().cpu().tolist()))
+    return found[1]
+
+
 def _step_of(to: dict):
     """(step index within this sampler's schedule, its number of steps, sigma)."""
     sigmas, sample = to.get("sigmas"), to.get("sample_sigmas")
     if sigmas is None or sample is None or len(sample) < 2:
         return None, None, float(sigmas.reshape(-1)[0]) if sigmas is not None else float("nan")
     s = float(sigmas.reshape(-1)[0])
-    ss = sample.reshape(-1).float().cpu()
-    step = int((ss - s).abs().argmin())
+    ss = _host_sigmas(sample)
+    step = min(range(len(ss)), key=lambda i: abs(ss[i] - s))  # the nearest (first on a tie, as argmin)
     return min(step, len(ss) - 2), len(ss) - 1, s
 
 
@@ -457,7 +470,7 @@ def _schedule_of(run: VortaRun, to: dict):
     sample = to.get("sample_sigmas")
     if sample is None or len(sample) < 2:
         return None, False, None, None
-    sigmas = tuple(round(float(x), 5) for x in sample.reshape(-1).float().cpu().tolist())
+    sigmas = tuple(round(x, 5) for x in _host_sigmas(sample))
     found = run.schedules.get(sigmas)
     if found is None:
         n = len(sigmas) - 1

@@ -90,6 +90,19 @@ def _decide(errors, tau, costs, prev, margin, dense_block0: bool, mode: str = "q
     return table
 
 
+def decide_chain(cache: dict, chain: list, decide) -> torch.Tensor:
+    """The table of the last of ``chain`` (cache keys of consecutive spans, in schedule order), each
+    span decided with the previous span's table as its hysteresis reference (the first with none):
+    ``decide(key, prev) -> table``. Tables are cached under their keys; returns a copy."""
+    prev = None
+    for key in chain:
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = decide(key, prev)
+        prev = table
+    return prev.clone()
+
+
 class TrainingFreeProvider(SharedOnCopy):
     kind = "training-free"
     wants_fingerprint = True  # the OUTER_SAMPLE wrapper computes the weights' fingerprint for the disk cache
@@ -206,19 +219,19 @@ class TrainingFreeProvider(SharedOnCopy):
     def decision(self, ctx: StepContext, span) -> torch.Tensor | None:
         """The span's table at this tau (hysteresis from the previous span's table), or None if the
         span is not measured."""
-        errors = self._errors(ctx, span)
-        if errors is None:
+        if self._errors(ctx, span) is None:
             return None
+        spans = [span]  # back to the first measured span of the chain (quality mode keeps hysteresis)
+        while self.mode == "quality":
+            prev_span = self._previous_span(ctx, spans[-1])
+            if prev_span is None or self._errors(ctx, prev_span) is None:
+                break
+            spans.append(prev_span)
         store = self._measured(ctx)
-        ck = (id(store), self._key(ctx, span), self.tau, self.hysteresis, self.mode, self.target)
-        table = self._decisions.get(ck)
-        if table is None:
-            prev_span = self._previous_span(ctx, span) if self.mode == "quality" else None
-            prev = self.decision(ctx, prev_span) if prev_span is not None else None
-            table = _decide(errors, self.tau, branch_costs(ctx.cfg, ctx.grid), prev, self.hysteresis, self.dense_block0,
-                            self.mode, self.target)
-            self._decisions[ck] = table
-        return table.clone()
+        keys = {(id(store), self._key(ctx, sp), self.tau, self.hysteresis, self.mode, self.target): sp for sp in spans[::-1]}
+        costs = branch_costs(ctx.cfg, ctx.grid)
+        return decide_chain(self._decisions, list(keys), lambda ck, prev: _decide(
+            self._errors(ctx, keys[ck]), self.tau, costs, prev, self.hysteresis, self.dense_block0, self.mode, self.target))
 
     def table(self, ctx: StepContext) -> torch.Tensor:
         span = self.span_of(ctx)
@@ -294,14 +307,13 @@ class MeasuredTableProvider(SharedOnCopy):
         return self.measured.span_index(ctx.percent)
 
     def decision(self, i: int, ctx: StepContext) -> torch.Tensor:
-        ck = (i, ctx.grid, ctx.cfg)
-        if ck not in self._decisions:
-            prev = self.decision(i - 1, ctx) if i > 0 else None
-            meta = self.measured.meta
-            self._decisions[ck] = _decide(self.measured.errors[i], self.measured.tau, branch_costs(ctx.cfg, ctx.grid),
-                                          prev, self.hysteresis, self.measured.dense_block0, meta.get("mode", "quality"),
-                                          float(meta.get("target", 1.0)))
-        return self._decisions[ck].clone()
+        meta = self.measured.meta
+        mode = meta.get("mode", "quality")
+        costs = branch_costs(ctx.cfg, ctx.grid)
+        first = 0 if mode == "quality" else i  # speed mode has no hysteresis: no chain to walk
+        return decide_chain(self._decisions, [(j, ctx.grid, ctx.cfg) for j in range(first, i + 1)], lambda ck, prev: _decide(
+            self.measured.errors[ck[0]], self.measured.tau, costs, prev, self.hysteresis, self.measured.dense_block0, mode,
+            float(meta.get("target", 1.0))))
 
     def _check_context(self, ctx: StepContext) -> None:
         """Warn once per (grid, branch settings) the file was not measured at: its errors are a

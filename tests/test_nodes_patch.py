@@ -375,3 +375,15 @@ def test_precision_fp8_where_it_cannot_run_says_so_once_and_routes_in_bf16(caplo
     warned = [r.message for r in caplog.records if "precision fp8" in r.message]
     assert len(warned) == 1 and "sm_89+" in warned[0] and "run in bf16 instead" in warned[0], warned
     assert plans["fp8"] == plans["bf16"] and all(c.precision == "bf16" for c in plans["fp8"])
+
+
+def test_sample_sigmas_are_read_back_once_per_tensor_and_version():
+    """_step_of and _schedule_of ask for the schedule on every model call; its host copy is made once
+    per tensor (again after an in-place change), not once per call."""
+    sample = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    first = P._host_sigmas(sample)
+    assert P._host_sigmas(sample) is first and first == (1.0, 0.5, 0.25, 0.0)
+    assert P._step_of({"sigmas": torch.tensor([0.5]), "sample_sigmas": sample})[:2] == (1, 3)
+    sample[1] = 0.75
+    assert P._host_sigmas(sample) == (1.0, 0.75, 0.25, 0.0)
+    assert P._step_of({"sigmas": torch.tensor([0.0]), "sample_sigmas": sample})[:2] == (2, 3)  # last step index is n - 1
