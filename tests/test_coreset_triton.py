@@ -218,8 +218,10 @@ def _worker(names):
 
 @pytest.fixture(scope="module")
 def results():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+    from interp import SKIP_REASON
+
+    if SKIP_REASON is not None:
+        pytest.skip(SKIP_REASON)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     env.setdefault("OMP_NUM_THREADS", "2")

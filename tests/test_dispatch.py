@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import pathlib
@@ -6,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from interp import SKIP_REASON
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -180,7 +180,7 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 def test_scattered_heads_on_triton_backends_are_not_copied():
     """Under the Triton interpreter: scattered sliding-tile and core-set heads go to the kernels with
     a head table (no index_select of q, k, v, no index_copy_ into the output) and match the

@@ -7,7 +7,6 @@ TRITON_INTERPRET must be set before triton is imported, so the checks run in one
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,8 +15,10 @@ import sys
 
 import pytest
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+from interp import SKIP_REASON  # noqa: E402
+
+if SKIP_REASON is not None:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -205,7 +206,6 @@ def test_fp8_triton_under_the_interpreter(results, name):
     assert r["ok"], f"{name}: {r}"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch")
 def test_fp8_on_a_machine_without_fp8_says_so():
     """Without a GPU (and without the interpreter) each FP8 entry refuses with one line naming what it needs."""
     import torch

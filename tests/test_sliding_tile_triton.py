@@ -11,7 +11,6 @@ TRITON_INTERPRET must be set before triton is imported, so the cases run in work
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,8 +19,10 @@ import sys
 
 import pytest
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (the Triton sliding-tile kernel is optional)", allow_module_level=True)
+from interp import SKIP_REASON  # noqa: E402
+
+if SKIP_REASON is not None:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N_WORKERS = 2
