@@ -101,15 +101,22 @@ def _scores_e4m3(q8, k8, FP8_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(qk, m_i, l_i, acc, qk_scale):
+    """The online softmax's update for one key block (exp2 domain, log2(e) folded into qk_scale):
+    qk masked fp32 scores (unscaled) -> (p, new running max, new row sum, acc rescaled). Shared by
+    the bf16 and fp8 kernels; rows with no valid key yet keep p = 0."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST: tl.constexpr):
     """One online-softmax step with P rounded to e4m3 and V read as e4m3 [D, N] (transposed); the
     caller multiplies V's channel scales back at the end. qk: masked fp32 scores (unscaled)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, m_new, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale)
     p8 = _e4m3(p, FP8_UPCAST)
     if FP8_UPCAST:
         acc = tl.dot(p8.to(tl.float32), tl.trans(v8t.to(tl.float32)), acc, input_precision="ieee")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fp8_kernels import _attend_e4m3, _quant_rows, _scores_e4m3
+from .fp8_kernels import _attend_e4m3, _quant_rows, _scores_e4m3, _softmax_step
 
 __all__ = ["interpreting"]
 
@@ -38,12 +38,7 @@ def interpreting() -> bool:
 @triton.jit
 def _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step: qk (already masked, unscaled) -> updated (m_i, l_i, acc)."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, m_new, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale)
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     elif F32_PREC is not None:
