@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from vorta_ops._backends import tensor_version
 from vorta_ops.coreset import CoresetConfig
 from vorta_ops.dispatch import PRECISIONS, RoutedConfig
 from vorta_ops.fp8 import fp8_unsupported_reason
@@ -425,8 +426,9 @@ def _host_sigmas(sample: torch.Tensor) -> tuple[float, ...]:
     if torch.compiler.is_compiling():
         return tuple(sample.reshape(-1).float().cpu().tolist())
     found = _HOST_SIGMAS.get(sample)
-    if found is None or found[0] != sample._version:
-        found = _HOST_SIGMAS[sample] = (sample._version, tuple(sample.reshape(-1).float().cpu().tolist()))
+    version = tensor_version(sample)
+    if found is None or found[0] != version:
+        found = _HOST_SIGMAS[sample] = (version, tuple(sample.reshape(-1).float().cpu().tolist()))
     return found[1]
 
 
@@ -616,10 +618,11 @@ def _key_mask(mask, B: int, L: int):
     if mask is None:
         return None
     found = _KEY_MASKS.get(mask)
-    if found is not None and found[0] == (mask._version, B, L):
+    key = (tensor_version(mask), B, L)
+    if found is not None and found[0] == key:
         return found[1]
     keep = _derive_key_mask(mask, B, L)
-    _KEY_MASKS[mask] = ((mask._version, B, L), keep)
+    _KEY_MASKS[mask] = (key, keep)
     return keep
 
 

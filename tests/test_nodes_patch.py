@@ -387,3 +387,22 @@ def test_sample_sigmas_are_read_back_once_per_tensor_and_version():
     sample[1] = 0.75
     assert P._host_sigmas(sample) == (1.0, 0.75, 0.25, 0.0)
     assert P._step_of({"sigmas": torch.tensor([0.0]), "sample_sigmas": sample})[:2] == (2, 3)  # last step index is n - 1
+
+
+def test_masks_and_schedules_made_under_inference_mode_are_cached_too():
+    """ComfyUI samples under torch.inference_mode: its attention masks and sigmas are inference
+    tensors, which have no version counter. The caches keyed on them still work (by object): found
+    by CI, where every sampling run fell back to dense with "Inference tensors do not track version
+    counter" once the sigmas were cached."""
+    from vorta_ops._backends import tensor_version
+
+    with torch.inference_mode():
+        sample = torch.tensor([1.0, 0.5, 0.0])
+        add = torch.zeros(1, 1, 5)
+        add[..., 3:] = -torch.finfo(torch.float32).max
+    assert tensor_version(sample) is None and tensor_version(torch.zeros(1)) == 0
+    first = P._host_sigmas(sample)
+    assert first == (1.0, 0.5, 0.0) and P._host_sigmas(sample) is first
+    assert P._step_of({"sigmas": torch.tensor([0.5]), "sample_sigmas": sample})[:2] == (1, 2)
+    keep = P._key_mask(add, 2, 5)
+    assert keep.tolist() == [[True, True, True, False, False]] * 2 and P._key_mask(add, 2, 5) is keep

@@ -24,9 +24,21 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "tensor_version",
     "BackendRegistry", "HeadTable", "check_heads", "head_index", "kernel_head_table", "op_heads", "require_out",
     "run_on_heads",
 ]
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter, for caches keyed on a tensor object; None for an inference
+    tensor (made under torch.inference_mode, as ComfyUI samples), which has no counter. Such a key
+    then stands for the object alone: the masks and schedules cached this way are made anew per
+    model call or sampling run, not changed in place."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _head_int(h) -> int:

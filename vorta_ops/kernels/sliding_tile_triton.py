@@ -45,7 +45,7 @@ import os
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._backends import head_index, kernel_head_table, require_out
+from .._backends import head_index, kernel_head_table, require_out, tensor_version
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
 from .fp8_triton import check_fp8_device, fp8_prepare_kv
@@ -144,7 +144,7 @@ def kv_tables(layout: TileLayout, ksrc: torch.Tensor, kv_mask: torch.Tensor, B: 
     if torch.compiler.is_compiling():
         return _kv_tables(layout, ksrc, kv_mask, B)
     per_mask = _KV_TABLES.setdefault(kv_mask, {})
-    key = (layout, B, kv_mask._version, ksrc.device)
+    key = (layout, B, tensor_version(kv_mask), ksrc.device)
     found = per_mask.get(key)
     if found is None:
         per_mask.clear()  # an older version's tables (or another layout's) are not needed again
