@@ -2,7 +2,7 @@
 VORTA against ComfyUI core's sparse attention (Sol-Attn) and the dense backends, in one run (GPU; a
 benchmark, not a test).
 
-    python -m bench.e2e --comfy PATH_TO_COMFYUI_TREE [--models wan1.3b-480p,wan14b-720p] [--steps 5]
+    python -m bench.e2e --comfy PATH_TO_COMFYUI_TREE [--models wan1.3b-480p,wan14b-720p] [--steps 5] [--merge]
 
 How the models are made and sampled (nothing is downloaded; speed does not depend on the weights):
 - ComfyUI's WanModel (HunyuanVideo: its HunyuanVideo class, 256 text tokens and a CLIP pooled vector in
@@ -12,10 +12,15 @@ How the models are made and sampled (nothing is downloaded; speed does not depen
   ModelPatcher. Wan 2.1 14B at 720p runs with fewer blocks than its 40 (``--blocks``, default 8;
   every block is the same, so seconds per step scale with the block count: the table gives the
   measured figure and the full-model estimate); HunyuanVideo 720p x 129 frames with 2 double + 4
-  single blocks of its 20 + 40.
+  single blocks of its 20 + 40. HunyuanVideo 1.5 (ComfyUI's HunyuanVideo15: the same class with a
+  vision input and 54 double blocks, width 2048, 16 heads, patch 1x1x1, 32 latent channels + 32
+  image-condition + 1 mask channels, Qwen2.5-VL text of width 3584) T2V at 720p x 121 frames
+  (32x31x45x80, 111,600 tokens) with 6 of its 54 blocks: text-to-video, so ComfyUI's own concat_cond
+  fills the image and mask channels with zeros, and there is no vision (clip_fea) or glyph (byT5) input.
 - Every method samples the same latent (Wan 2.1 480p x 81 frames = 16x21x60x104; 720p = 16x21x90x160)
   with comfy.sample.sample (euler, simple schedule, CFG 5: cond and uncond batched as ComfyUI does),
-  the same seed and random text conditioning [1, 512, 4096]. Step 0 (cold caches, autotuning) and
+  the same seed and random text conditioning [1, 512, 4096] (HunyuanVideo 1.5: [1, 256, 3584], no
+  pooled vector). Step 0 (cold caches, autotuning) and
   the last step are not timed; the steps between are, from the sampler callback with a device sync.
 - VORTA is applied by nodes.patch.apply_vorta on a ModelPatcher clone, exactly as the VORTA Apply
   node does. Sol-Attn is installed the way core installs it: an optimized_attention_override that
@@ -35,7 +40,8 @@ How the models are made and sampled (nothing is downloaded; speed does not depen
   (peak = the dense final latent's max - min). Weights are random: quality with real weights is for
   users to confirm (VORTA Fidelity Check node).
 
-Writes bench/results/e2e-<gpu>.json and .md.
+Writes bench/results/e2e-<gpu>.json and .md after every measured row (with --merge: the earlier
+rows plus this run's so far), so a run cut off by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -58,11 +64,24 @@ MODELS = {  # name: ComfyUI model config, latent [C, T, H, W], blocks actually b
     # HunyuanVideo T2V 720p x 129 frames: 20 double + 40 single blocks; built with 2 + 4 (the same ratio)
     "hunyuan-720p": (dict(family="hunyuan", hidden_size=3072, num_heads=24, depth=20, depth_single_blocks=40,
                           num_layers=60), (16, 33, 90, 160), 6),
+    # HunyuanVideo 1.5 T2V 720p x 121 frames: 54 double blocks (no single ones); built with 6
+    "hunyuan15-720p": (dict(family="hunyuan15", hidden_size=2048, num_heads=16, depth=54, depth_single_blocks=0,
+                            num_layers=54), (32, 31, 45, 80), 6),
     "tiny": (dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2), (16, 3, 8, 12), 2),  # CPU smoke runs
     "tiny-hunyuan": (dict(family="hunyuan", hidden_size=256, num_heads=2, depth=1, depth_single_blocks=2, num_layers=3),
                      (16, 3, 8, 12), 3),
+    "tiny-hunyuan15": (dict(family="hunyuan15", hidden_size=256, num_heads=2, depth=2, depth_single_blocks=0,
+                            num_layers=2), (32, 3, 4, 6), 2),
 }
-TEXT_TOKENS = 256  # HunyuanVideo's text tokens in each self-attention call
+BIG = ("wan14b-720p", "hunyuan-720p", "hunyuan15-720p")  # built with fewer blocks (--blocks)
+TEXT_TOKENS = 256  # HunyuanVideo's (and 1.5's) text tokens in each self-attention call
+# ComfyUI's HunyuanVideo class arguments by version (the config its model detection derives from a file)
+HUNYUAN_ARGS = {
+    "hunyuan": dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, patch_size=[1, 2, 2],
+                    guidance_embed=True, byt5=False, use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False),
+    "hunyuan15": dict(in_channels=65, out_channels=32, vec_in_dim=None, context_in_dim=3584, patch_size=[1, 1, 1],
+                      guidance_embed=False, byt5=True, use_cond_type_embedding=True, vision_in_dim=1152, meanflow_sum=True),
+}
 SOL_TAUS = (1.0, 1.3, 2.0)
 SOL_MIN_TOKENS = 12288  # core's node leaves shorter sequences dense
 STRUCTURED_SHARE = 0.6
@@ -87,24 +106,32 @@ def _meta_model(cfg, blocks):
     import comfy.ops
 
     with torch.device("meta"):
-        if cfg.get("family") == "hunyuan":
+        if _is_hunyuan(cfg):
             from comfy.ldm.hunyuan_video.model import HunyuanVideo, HunyuanVideoParams
             import dataclasses
 
-            double = max(1, round(blocks * cfg["depth"] / cfg["num_layers"]))
-            later = {"use_cond_type_embedding": False, "vision_in_dim": None, "meanflow_sum": False}
+            double = _hunyuan_double(cfg, blocks)
+            later = ("use_cond_type_embedding", "vision_in_dim", "meanflow_sum")  # HunyuanVideo 1.5's (ComfyUI >= 0.3.7x)
             fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
-            return HunyuanVideo(**{k: v for k, v in later.items() if k in fields}, image_model="hunyuan_video",
-                                in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                                hidden_size=cfg["hidden_size"], mlp_ratio=4.0, num_heads=cfg["num_heads"], depth=double,
-                                depth_single_blocks=blocks - double, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2],
-                                qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
-                                operations=comfy.ops.disable_weight_init)
+            args = {k: v for k, v in HUNYUAN_ARGS[cfg["family"]].items() if k not in later or k in fields}
+            return HunyuanVideo(image_model="hunyuan_video", hidden_size=cfg["hidden_size"], mlp_ratio=4.0,
+                                num_heads=cfg["num_heads"], depth=double, depth_single_blocks=blocks - double,
+                                axes_dim=[16, 56, 56], theta=256, qkv_bias=True, meanflow=False,
+                                operations=comfy.ops.disable_weight_init, **args)
         from comfy.ldm.wan.model import WanModel
 
         return WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, freq_dim=256, text_dim=4096,
                         operations=comfy.ops.disable_weight_init,
                         **{k: v for k, v in dict(cfg, num_layers=blocks).items() if k != "family"})
+
+
+def _is_hunyuan(cfg) -> bool:
+    return cfg.get("family", "wan").startswith("hunyuan")
+
+
+def _hunyuan_double(cfg, blocks) -> int:
+    """Double blocks of ``blocks`` built, in the full model's double : single ratio."""
+    return max(1, round(blocks * cfg["depth"] / cfg["num_layers"]))
 
 
 def _qk_projections(cfg, blocks):
@@ -114,8 +141,8 @@ def _qk_projections(cfg, blocks):
     dim = cfg.get("dim") or cfg["hidden_size"]
     d = dim // heads
     out = []
-    if cfg.get("family") == "hunyuan":
-        double = max(1, round(blocks * cfg["depth"] / cfg["num_layers"]))
+    if _is_hunyuan(cfg):
+        double = _hunyuan_double(cfg, blocks)
         names = [f"double_blocks.{b}.img_attn.qkv.bias" for b in range(double)]
         names += [f"single_blocks.{b}.linear1.bias" for b in range(blocks - double)]
         for name in names:  # q rows [0, dim), k rows [dim, 2 dim)
@@ -193,20 +220,39 @@ def mix_table(blocks, heads, kind, seed=0):
     return torch.stack(rows)
 
 
+def _bhld(args, kwargs):
+    """(q, k, v as [B, H, L, D] views, heads) of an optimized_attention call without a mask, or None.
+    Wan calls it with [B, L, H*D]; HunyuanVideo (Flux's attention) with [B, H, L, D] and skip_reshape."""
+    q, k, v = args[:3]
+    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
+    if kwargs.get("mask") is not None:
+        return None
+    if kwargs.get("skip_reshape"):
+        return (q, k, v, heads) if q.dim() == 4 else None
+    if q.dim() != 3:
+        return None
+    return (*(x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v)), heads)
+
+
+def _attention_out(out, kwargs, layout="bhld"):
+    """out ([B, H, L, D], or [B, L, H, D] for layout "blhd") as the caller expects it."""
+    if layout == "blhd":
+        out = out.transpose(1, 2)
+    if kwargs.get("skip_output_reshape"):
+        return out
+    B, H, L, D = out.shape
+    return out.transpose(1, 2).reshape(B, L, H * D)
+
+
 def sol_override(tau):
     import comfy_kitchen as ck
 
     def override(func, *args, **kwargs):
-        q, k, v = args[:3]
-        heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
-        if (kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.shape != k.shape or q.dim() != 3
-                or q.shape[1] < SOL_MIN_TOKENS or q.shape[-1] // heads != 128):
+        x = _bhld(args, kwargs)
+        if x is None or x[0].shape != x[1].shape or x[0].shape[2] < SOL_MIN_TOKENS or x[0].shape[-1] != 128:
             return func(*args, **kwargs)
-        B, L, HD = q.shape
-        out = ck.sol_attn(*(x.view(B, L, heads, 128) for x in (q, k, v)), tau=tau)
-        if kwargs.get("skip_output_reshape"):
-            return out.transpose(1, 2)
-        return out.reshape(B, L, HD)
+        out = ck.sol_attn(*(t.transpose(1, 2) for t in x[:3]), tau=tau)  # [B, L, H, 128]
+        return _attention_out(out, kwargs, "blhd")
 
     return override
 
@@ -215,16 +261,10 @@ def int8_override(func, *args, **kwargs):
     """comfy-kitchen's INT8 attention for every call without a mask (a dense INT8 backend)."""
     import comfy_kitchen as ck
 
-    q, k, v = args[:3]
-    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
-    if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.dim() != 3:
+    x = _bhld(args, kwargs)
+    if x is None:
         return func(*args, **kwargs)
-    B = q.shape[0]
-    q4, k4, v4 = (x.view(B, x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
-    out = ck.int8_attention(q4, k4, v4)
-    if kwargs.get("skip_output_reshape"):
-        return out
-    return out.transpose(1, 2).reshape(B, q.shape[1], -1)
+    return _attention_out(ck.int8_attention(*x[:3]), kwargs)
 
 
 def sage_override(func, *args, **kwargs):
@@ -232,20 +272,54 @@ def sage_override(func, *args, **kwargs):
     users run it (a dense INT8 alternative)."""
     from sageattention import sageattn
 
-    q, k, v = args[:3]
-    heads = kwargs.get("heads", args[3] if len(args) > 3 else None)
-    if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or q.dim() != 3:
+    x = _bhld(args, kwargs)
+    if x is None:
         return func(*args, **kwargs)
-    B = q.shape[0]
-    out = sageattn(*(x.view(B, x.shape[1], heads, -1) for x in (q, k, v)), tensor_layout="NHD")
-    if kwargs.get("skip_output_reshape"):
-        return out.transpose(1, 2)
-    return out.reshape(B, q.shape[1], -1)
+    return _attention_out(sageattn(*x[:3], tensor_layout="HND"), kwargs)
+
+
+def _stand_in_pyav():
+    """comfy_api imports PyAV (video files) when it is imported; EasyCache never uses it. Where PyAV is
+    not installed (the benchmark's GPU machine), stand-in av modules let comfy_extras.nodes_easycache load."""
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    class _AnyMeta(type):
+        def __getattr__(cls, name):
+            return cls
+
+    class _Any(metaclass=_AnyMeta):
+        def __init__(self, *a, **k):
+            pass
+
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "av" or name.startswith("av."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            m = types.ModuleType(spec.name)
+            m.__path__ = []
+            m.__getattr__ = lambda name: _Any
+            return m
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, _Finder())
 
 
 def with_easycache(model):
     """ComfyUI core's EasyCache on top of a model (its node's defaults)."""
-    from comfy_extras.nodes_easycache import EasyCacheNode
+    try:
+        from comfy_extras.nodes_easycache import EasyCacheNode
+    except ModuleNotFoundError as e:
+        if e.name != "av" and not (e.name or "").startswith("av."):
+            raise
+        _stand_in_pyav()
+        from comfy_extras.nodes_easycache import EasyCacheNode
 
     out = EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95, verbose=False)
     return out.result[0] if hasattr(out, "result") else out[0]
@@ -275,11 +349,15 @@ class SetupTimer:
 
 
 def no_self_attention(func, *args, **kwargs):
-    """Self-attention returns v unchanged (what the rest of the step costs without it)."""
+    """Self-attention returns v unchanged (what the rest of the step costs without it); HunyuanVideo's
+    joint attention (text + video) included, in the layout its caller expects."""
     q, k, v = args[:3]
-    if q.shape == k.shape and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape"):
+    if q.shape != k.shape or kwargs.get("mask") is not None:
+        return func(*args, **kwargs)
+    if not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape"):
         return v
-    return func(*args, **kwargs)
+    x = _bhld(args, kwargs)
+    return func(*args, **kwargs) if x is None else _attention_out(x[2], kwargs)
 
 
 def sdpa_backend(name):
@@ -300,6 +378,9 @@ def sample(patcher, latent_shape, steps, seed, device, family="wan"):
     if family == "hunyuan":  # LLM text tokens + the CLIP pooled vector
         cond = [[torch.randn(1, TEXT_TOKENS, 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g)}]]
         uncond = [[torch.randn(1, TEXT_TOKENS, 4096, generator=g) * 0.1, {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    elif family == "hunyuan15":  # Qwen2.5-VL text tokens, no pooled vector (as its text encoder gives)
+        cond = [[torch.randn(1, TEXT_TOKENS, 3584, generator=g) * 0.1, {"pooled_output": None}]]
+        uncond = [[torch.randn(1, TEXT_TOKENS, 3584, generator=g) * 0.1, {"pooled_output": None}]]
     else:
         cond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
         uncond = [[torch.randn(1, 512, 4096, generator=g) * 0.1, {}]]
@@ -335,7 +416,8 @@ def fidelity(x0s, final, ref_x0s, ref_final):
 
 
 def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=("random", "structured"), only=None,
-              fp8=False):
+              fp8=False, on_row=None):
+    """This model's rows; ``on_row(rows so far)`` after each one (the caller writes them)."""
     from nodes.patch import VortaOptions, apply_vorta
     from nodes.training_free import TrainingFreeProvider
 
@@ -421,6 +503,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 import traceback
 
                 rows.append(dict(model=name, variant=variant, method=label, error=f"{type(e).__name__}: {e}"[:300]))
+                if on_row is not None:
+                    on_row(rows)
                 print("FAILED", name, variant, label, e, flush=True)
                 traceback.print_exc()
                 if "device-side assert" in str(e) or "illegal memory access" in str(e):
@@ -429,7 +513,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 continue
             s = durations[timed] or durations
             sec = sum(s) / len(s)
-            row = dict(model=name, variant=variant, resolution="x".join(map(str, latent)), method=label, blocks_run=blocks,
+            row = dict(model=name, variant=variant, resolution="x".join(map(str, latent)), method=label, steps=steps,
+                       blocks_run=blocks,
                        blocks_model=cfg["num_layers"], s_per_step=round(sec, 4),
                        s_per_step_full_model=round(sec * cfg["num_layers"] / blocks, 3), peak_mem_gb=round(peak, 2),
                        overhead_ms=round(setup.seconds * 1e3 / steps, 3) if setup.calls else None)
@@ -442,27 +527,46 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                            psnr_final=round(psnr, 2) if math.isfinite(psnr) else "inf")
             rows.append(row)
             print(row, flush=True)
-        dense = next((r for r in rows if r["variant"] == variant and r["method"] == "dense cuDNN SDPA"
-                      and "s_per_step" in r), None)
-        skipped = next((r for r in rows if r["variant"] == variant and r["method"] == "self-attention skipped"
-                        and "s_per_step" in r), None)
-        if skipped is not None and dense is not None:
-            share = 1 - skipped["s_per_step"] / dense["s_per_step"]
-            for r in rows:
-                if r["variant"] == variant and r["model"] == name:
-                    r["dense_self_attention_share"] = round(share, 3)
+            if on_row is not None:
+                on_row(rows)
         del base, fp8_base
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
+def attach_shares(rows):
+    """Each row's dense_self_attention_share: 1 - (self-attention skipped) / (dense cuDNN) s per step of
+    its model and weights, from the rows in the table (after a merge: the latest run of each)."""
+    step = {(r.get("model"), r.get("variant"), r.get("method")): r["s_per_step"] for r in rows if "s_per_step" in r}
+    for r in rows:
+        dense = step.get((r.get("model"), r.get("variant"), "dense cuDNN SDPA"))
+        skipped = step.get((r.get("model"), r.get("variant"), "self-attention skipped"))
+        if dense and skipped:
+            r["dense_self_attention_share"] = round(1 - skipped / dense, 3)
+        else:
+            r.pop("dense_self_attention_share", None)
+    return rows
+
+
+def _steps_text(rows, steps):
+    """"5 steps", or per model where runs differ (rows written before rows carried steps: ``steps``)."""
+    per = {}
+    for r in rows:
+        per.setdefault(r.get("steps", steps), []).append(r.get("model"))
+    if len(per) <= 1:
+        return f"{next(iter(per), steps)} steps"
+    return "; ".join(f"{n} steps ({', '.join(dict.fromkeys(m))})" for n, m in sorted(per.items(), reverse=True))
+
+
 def write(rows, meta, steps):
     from bench.attention import save_results
 
+    attach_shares(rows)
+
     md = [f"# End to end on ComfyUI's model code ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"ComfyUI {meta['comfyui']}, comfy-kitchen {meta['comfy_kitchen']}, Python {platform.python_version()})", "",
-          f"comfy.sample.sample, euler / simple, CFG 5 (cond + uncond batched), {steps} steps, seconds per step = the "
+          f"comfy.sample.sample, euler / simple, CFG 5 (cond + uncond batched), {_steps_text(rows, steps)}, seconds per step = the "
           "mean of the steps between the first and the last; bf16 random weights (bench/e2e.py says how, and what "
           "'structured' means). Fidelity: against dense cuDNN on the same seed (mean over steps of the denoised "
           "prediction's relative L2 and cosine; final latent PSNR). Random weights: the quality of real weights is "
@@ -489,12 +593,15 @@ def main(argv=None):
     ap.add_argument("--models", default="wan1.3b-480p,wan14b-720p,hunyuan-720p")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=None,
-                    help="blocks to build for wan14b-720p (default 8 of 40) and hunyuan-720p (default 6 of 60)")
+                    help="blocks to build for wan14b-720p (default 8 of 40), hunyuan-720p (default 6 of 60) and "
+                         "hunyuan15-720p (default 6 of 54)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="random,structured")
     ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
     ap.add_argument("--fp8", action="store_true", help="also fp8 weights (float8_e4m3fn), dense and with VORTA")
     ap.add_argument("--fast", default="", help="ComfyUI --fast features, e.g. fp8_matrix_mult")
+    ap.add_argument("--drop", default="", help="with --merge: comma-separated MODEL:METHOD-substring pairs; earlier rows "
+                                               "that match are dropped (measured wrongly), unless this run measures them again")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows already in bench/results/e2e-<gpu>.json, replacing those this run measures again "
                          "(same model, weights and method); each row's ratio is against dense cuDNN of its own run")
@@ -503,16 +610,12 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for name in a.models.split(","):
-        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks if name in ("wan14b-720p", "hunyuan-720p") else None,
-                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o], a.fp8)
     import triton
 
     try:
-        import comfy_kitchen
+        from importlib.metadata import version
 
-        ck = getattr(comfy_kitchen, "__version__", "installed")
+        ck = version("comfy_kitchen")
     except Exception:
         ck = "not installed"
     import comfyui_version  # noqa: F401  (ComfyUI's version module)
@@ -520,9 +623,20 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "comfyui": getattr(sys.modules["comfyui_version"], "__version__", "?"),
             "comfy_kitchen": ck}
-    if a.merge:
-        rows = merge_rows(previous_rows(meta["device"]), rows)
-    write(rows, meta, a.steps)
+    previous = previous_rows(meta["device"]) if a.merge else None
+    if previous is not None and a.drop:
+        drops = [d.split(":", 1) for d in a.drop.split(",") if ":" in d]
+        previous = [r for r in previous if not any(r.get("model") == m and sub in r.get("method", "") for m, sub in drops)]
+    rows = []
+
+    def flush(current=()):  # after every row: a run cut off keeps what it measured
+        done = rows + list(current)
+        write(merge_rows(previous, done) if previous is not None else done, meta, a.steps)
+
+    for name in a.models.split(","):
+        rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks if name in BIG else None,
+                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o], a.fp8, on_row=flush)
+    flush()
 
 
 def _row_key(r: dict) -> tuple:
