@@ -20,9 +20,10 @@ from typing import NamedTuple
 import torch
 
 from .._backends import kernel_head_table, require_out
+from ..fp8 import fp8_unsupported_reason
 from .fp8_kernels import _fp8_attn_kernel, _fp8_kv_prep_kernel
 
-__all__ = ["FP8KV", "fp8_supported", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
+__all__ = ["FP8KV", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
 
 _LOG2E = 1.4426950408889634
 _PREP_BLOCK = 64
@@ -33,24 +34,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fp8_supported(device: torch.device | str | None = None) -> bool:
-    """True where the FP8 kernels run: a CUDA GPU of compute capability 8.9+ (or the interpreter)."""
-    if _interpreting():
-        return True
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
-
-
 def check_fp8_device(t: torch.Tensor, what: str) -> None:
-    """One clear error where FP8 cannot run (before any launch)."""
-    if not (t.is_cuda or _interpreting()):
-        raise RuntimeError(f"{what}: precision fp8 needs a CUDA GPU (sm_89+: Ada, Hopper, Blackwell); got {t.device}")
-    if t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(t.device)))
-        raise RuntimeError(f"{what}: precision fp8 needs FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); this GPU "
-                           f"is sm_{cap.replace('.', '')}: use precision bf16")
+    """One clear error where FP8 cannot run (before any launch): vorta_ops.fp8.fp8_unsupported_reason."""
+    why = fp8_unsupported_reason(t.device)
+    if why is not None:
+        raise RuntimeError(f"{what}: precision fp8 cannot run here: {why}; use precision bf16")
 
 
 def fp8_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
