@@ -286,7 +286,7 @@ def test_precision_fp8_where_it_cannot_run_says_so_once_and_routes_in_bf16(serve
     mark = len(server.log.read_text())
     _routes_like_reference(server, p, "fp8_cpu")
     warned = [ln for ln in _log_since(server, mark).splitlines() if "precision fp8:" in ln]
-    assert len(warned) == 2 and all("sm_89+" in w and "run in bf16 instead" in w for w in warned), warned
+    assert len(warned) == 2 and all("need" in w and "run in bf16 instead" in w for w in warned), warned
 
 
 def test_summary_counts_every_video_self_attention_call(server):

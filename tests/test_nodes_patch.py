@@ -373,7 +373,8 @@ def test_precision_fp8_where_it_cannot_run_says_so_once_and_routes_in_bf16(caplo
                                           None, to)
         plans[precision] = seen
     warned = [r.message for r in caplog.records if "precision fp8" in r.message]
-    assert len(warned) == 1 and "sm_89+" in warned[0] and "run in bf16 instead" in warned[0], warned
+    assert len(warned) == 1 and "need" in warned[0], warned  # what it needs: an sm_89+ GPU, or triton
+    assert "run in bf16 instead" in warned[0], warned
     assert plans["fp8"] == plans["bf16"] and all(c.precision == "bf16" for c in plans["fp8"])
 
 

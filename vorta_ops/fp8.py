@@ -36,10 +36,16 @@ _TINY = 1e-12
 
 def fp8_unsupported_reason(device) -> str | None:
     """Why the FP8 kernels cannot run on ``device`` (one line), or None where they can: a CUDA GPU
-    with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) and triton (or the
-    Triton interpreter, TRITON_INTERPRET=1)."""
+    with FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell; not ROCm) and triton with
+    the kernels registered (or the Triton interpreter, TRITON_INTERPRET=1)."""
     dev = torch.device(device)
-    return _reason(dev.type, dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None))
+    why = _reason(dev.type, dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None))
+    if why is None:
+        from .sliding_tile import available_backends
+
+        if "triton-fp8" not in available_backends():
+            why = "the FP8 kernels need triton, whose kernels did not load here (see the log at start-up)"
+    return why
 
 
 @functools.lru_cache(maxsize=16)
@@ -50,6 +56,8 @@ def _reason(kind: str, index) -> str | None:
         return None
     if kind != "cuda":
         return f"the FP8 kernels need a CUDA GPU with FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); the model runs on {kind}"
+    if torch.version.hip is not None:
+        return "the FP8 kernels use NVIDIA's e4m3 tensor-core format (sm_89+); ROCm GPUs are not supported"
     cap = torch.cuda.get_device_capability(index)
     if cap < (8, 9):
         return (f"the FP8 kernels need FP8 tensor cores (sm_89+: Ada, Hopper, Blackwell); "

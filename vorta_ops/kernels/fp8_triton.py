@@ -23,7 +23,7 @@ from .._backends import kernel_head_table, require_out
 from ..fp8 import fp8_unsupported_reason
 from .fp8_kernels import _fp8_attn_kernel, _fp8_kv_prep_kernel
 
-__all__ = ["FP8KV", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
+__all__ = ["FP8KV", "check_fp8_head_dim", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
 
 _LOG2E = 1.4426950408889634
 _PREP_BLOCK = 64
@@ -39,6 +39,12 @@ def check_fp8_device(t: torch.Tensor, what: str) -> None:
     why = fp8_unsupported_reason(t.device)
     if why is not None:
         raise RuntimeError(f"{what}: precision fp8 cannot run here: {why}; use precision bf16")
+
+
+def check_fp8_head_dim(d: int, what: str) -> None:
+    """8-bit tensor-core dots need a reduction of at least 32: head dims 32..256, powers of two."""
+    if d not in (32, 64, 128, 256):
+        raise ValueError(f"{what}: precision fp8 supports head dims 32, 64, 128, 256; got {d} (use precision bf16)")
 
 
 def fp8_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +140,7 @@ def _key_bias(kv_mask: torch.Tensor, B: int, n_keys: int, device) -> torch.Tenso
 def fp8_attention(q, k, v, *, kv_mask=None, scale=None, out=None, heads=None, config=None):
     """Dense attention with Q, K, P, V in e4m3 (vorta_ops/fp8.py's scheme; reference:
     vorta_ops.fp8.fp8_attention_reference). q, k, v [B, H, L, D] (any row strides; Lq may differ
-    from Lk), head dim 16..256 a power of two. kv_mask: bool [B, Lk] / [Lk] (or [B, n_h, Lk] per
+    from Lk), head dim 32..256 a power of two. kv_mask: bool [B, Lk] / [Lk] (or [B, n_h, Lk] per
     program head), True = attend. heads: a head subset, written into ``out`` (then required) whose
     other heads stay untouched. Returns out ([B, H, Lq, D], q's dtype)."""
     what = "fp8_attention"
@@ -142,8 +148,7 @@ def fp8_attention(q, k, v, *, kv_mask=None, scale=None, out=None, heads=None, co
         raise ValueError(f"{what} wants q [B, H, Lq, D] and k, v [B, H, Lk, D], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     D = q.shape[3]
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"{what} supports head dims 16, 32, 64, 128, 256; got {D}")
+    check_fp8_head_dim(D, what)
     check_fp8_device(q, what)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, M, _ = q.shape
@@ -173,6 +178,9 @@ def fp8_attention(q, k, v, *, kv_mask=None, scale=None, out=None, heads=None, co
         config = INTERPRET_CONFIG
     if config is not None:
         c = {"num_warps": 4, "num_stages": 1 if _interpreting() else 3, **config}
+        if c["BLOCK_N"] > _SLOT_ALIGN or (not _interpreting() and min(c["BLOCK_M"], c["BLOCK_N"]) < 32):
+            raise ValueError(f"{what}: BLOCK_N must be at most {_SLOT_ALIGN} and BLOCK_M, BLOCK_N at least 32 "
+                             f"(8-bit tensor-core dots), got {c['BLOCK_M']}, {c['BLOCK_N']}")
         _fp8_attn_kernel[(-(-M // c["BLOCK_M"]), B * n_h)](*args, **meta, **c)
     else:
         _tuned()[lambda m: (-(-M // m["BLOCK_M"]), B * n_h)](*args, **meta)

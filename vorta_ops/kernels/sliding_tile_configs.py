@@ -52,9 +52,10 @@ def _prune_configs(configs, named_args, **kwargs):
     q = args.get("Q")
     elt = q.element_size() if isinstance(q, torch.Tensor) else 2
     limit = _smem_limit(q) if isinstance(q, torch.Tensor) and q.is_cuda else 227 * 1024
+    fp8 = bool(args.get("FP8"))
     keep = [
         c for c in configs
-        if blk % c.kwargs["BLOCK_M"] == 0
+        if blk % c.kwargs["BLOCK_M"] == 0 and not (fp8 and c.kwargs["BLOCK_N"] < 32)
         and _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, d, elt) <= limit
     ]
     if not keep:  # e.g. layout.block of 16/32, or a small-smem GPU: the smallest config that fits

@@ -48,7 +48,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._backends import head_index, kernel_head_table, require_out, tensor_version
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
-from .fp8_triton import check_fp8_device, fp8_prepare_kv
+from .fp8_triton import check_fp8_device, check_fp8_head_dim, fp8_prepare_kv
 from .sliding_tile_configs import INTERPRET_CONFIG, sta_fwd_tuned
 from .sliding_tile_kernel import _sta_fwd_kernel, interpreting
 
@@ -191,6 +191,11 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     if fp8:
         check_fp8_device(q, what)
     _check_inputs(q, k, v, layout, cfg, what)
+    if fp8:
+        check_fp8_head_dim(q.shape[3], what)
+        if not interpreting() and layout.block < 32:
+            raise ValueError(f"{what}: precision fp8 needs a layout block of at least 32 (8-bit tensor-core dots), "
+                             f"got {layout.block}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, L, D = q.shape
     device = q.device
