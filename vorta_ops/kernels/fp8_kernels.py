@@ -114,10 +114,11 @@ def _softmax_step(qk, m_i, l_i, acc, qk_scale):
 
 @triton.jit
 def _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST: tl.constexpr):
-    """One online-softmax step with P rounded to e4m3 and V read as e4m3 [D, N] (transposed); the
-    caller multiplies V's channel scales back at the end. qk: masked fp32 scores (unscaled)."""
+    """One online-softmax step with P rounded to e4m3 (scaled by 448, vorta_ops.fp8.P_SCALE) and V read
+    as e4m3 [D, N] (transposed); the caller multiplies V's channel scales / 448 back at the end. qk:
+    masked fp32 scores (unscaled)."""
     p, m_new, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale)
-    p8 = _e4m3(p, FP8_UPCAST)
+    p8 = _e4m3(p * 448.0, FP8_UPCAST)  # vorta_ops.fp8.P_SCALE: the caller divides it back
     if FP8_UPCAST:
         acc = tl.dot(p8.to(tl.float32), tl.trans(v8t.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -183,6 +184,6 @@ def _fp8_attn_kernel(
         m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc * tl.load(VScale + (off_b64 * H_ALL + off_h64) * HEAD_DIM + offs_d)[None, :] / l_i[:, None]
+    out = acc * (tl.load(VScale + (off_b64 * H_ALL + off_h64) * HEAD_DIM + offs_d) / 448.0)[None, :] / l_i[:, None]
     tl.store(O + off_b64 * s_ob + off_h64 * s_oh + rows[:, None] * s_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m < M)[:, None])

@@ -284,6 +284,6 @@ def _sta_fwd_kernel(
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     if FP8:
-        acc = acc * v_s[None, :]
+        acc = acc * (v_s / 448.0)[None, :]  # V's channel scales, and P's scale (vorta_ops.fp8.P_SCALE)
     out = acc / l_i[:, None]
     tl.store(o_base + (row_q[:, None] * s_on + offs_d[None, :]), out.to(O.dtype.element_ty), mask=valid_q[:, None])
