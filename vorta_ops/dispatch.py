@@ -19,6 +19,7 @@ import torch
 
 from ._backends import run_on_heads
 from .coreset import CoresetConfig, coreset_branch
+from .fp8 import PRECISIONS
 from .full import full_attention
 from .router import CORESET, FULL, SLIDING
 from .sliding_tile import SlidingTileConfig, sliding_tile_attention
@@ -56,8 +57,6 @@ class RoutedConfig:
         name = self.sliding_backend if branch == SLIDING else self.coreset_backend
         return "triton-fp8" if self.precision == "fp8" else name
 
-
-PRECISIONS = ("bf16", "fp8")
 
 
 def head_groups(branches) -> dict[int, list[int]]:

@@ -28,10 +28,11 @@ import os
 
 import torch
 
-__all__ = ["E4M3_MAX", "FP8", "P_SCALE", "fp8_supported", "fp8_unsupported_reason", "quantize_rows", "quantize_channels", "smooth_keys", "fp8_attention_reference"]
+__all__ = ["E4M3_MAX", "FP8", "P_SCALE", "PRECISIONS", "scales_of", "fp8_supported", "fp8_unsupported_reason", "quantize_rows", "quantize_channels", "smooth_keys", "fp8_attention_reference"]
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+PRECISIONS = ("bf16", "fp8")  # the attention precisions the kernels, dispatch and the nodes take
 # P = exp(s - max) lies in (0, 1]: rounded as it is, values under 2**-6 land on e4m3's coarse subnormal
 # steps and under 2**-10 on zero, while the row sum l keeps them, so diffuse rows shrink (a 16k-key
 # row at score std 2: 6.8% error, output norm 0.95x). P is rounded scaled to e4m3's top (x 448) and the
@@ -75,20 +76,23 @@ def fp8_supported(device) -> bool:
     return fp8_unsupported_reason(device) is None
 
 
+def scales_of(amax: torch.Tensor) -> torch.Tensor:
+    """e4m3 scales from absolute maxima: amax / 448, and 1 where everything is zero."""
+    return torch.where(amax > _TINY, amax / E4M3_MAX, torch.ones_like(amax))
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token (last dim shared): (x8 e4m3 [..., L, D], scale float32 [..., L, 1]), x ~= x8 * scale.
     A row of zeros gets scale 1 and zeros."""
     xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > _TINY, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = scales_of(xf.abs().amax(-1, keepdim=True))
     return (xf / scale).to(FP8), scale
 
 
 def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel over the sequence (dim -2): (x8 e4m3 [..., L, D], scale float32 [..., 1, D])."""
     xf = x.float()
-    amax = xf.abs().amax(-2, keepdim=True)
-    scale = torch.where(amax > _TINY, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = scales_of(xf.abs().amax(-2, keepdim=True))
     return (xf / scale).to(FP8), scale
 
 

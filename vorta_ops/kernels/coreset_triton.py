@@ -55,6 +55,7 @@ import triton
 
 from .._backends import HeadTable, head_index, kernel_head_table, require_out, run_on_heads
 from ..coreset import CoresetConfig, bucket_index
+from ..fp8 import PRECISIONS
 from ..full import full_attention
 from ..layout import check_grid
 from . import coreset_configs as cc
@@ -201,7 +202,7 @@ def coreset_triton(
     grid = check_grid(grid)
     L = n_prefix + math.prod(grid) + n_suffix
     _check_qkv(q, k, v, L, grid, n_prefix, n_suffix, "coreset_triton")
-    if precision not in ("bf16", "fp8"):
+    if precision not in PRECISIONS:
         raise ValueError(f"coreset_triton: precision must be bf16 or fp8, got {precision!r}")
     if precision == "fp8":
         check_fp8_device(q, "coreset_triton")

@@ -1,8 +1,8 @@
 """FP8 (e4m3) Triton code shared by the attention kernels: the e4m3 rounding, the per-row
 quantiser, the K / V preparation pass and a dense FP8 attention kernel (the ``@triton.jit`` code
 only; launchers in ``fp8_triton.py``). The numerics are vorta_ops/fp8.py's scheme: K smoothed by
-its head mean, per-token Q / K scales (amax / 448), P in e4m3 unscaled, per-channel V scales,
-fp32 accumulation.
+its head mean, per-token Q / K scales (amax / 448), P in e4m3 scaled by 448 (P_SCALE), per-channel
+V scales, fp32 accumulation.
 
 The preparation pass (``_fp8_kv_prep_kernel``) writes, per program head, K as e4m3 rows with their
 scales and V as e4m3 TRANSPOSED ([D, LP]: the reduction axis of P . V contiguous, which Hopper's

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .._backends import kernel_head_table, require_out
-from ..fp8 import fp8_unsupported_reason
+from ..fp8 import fp8_unsupported_reason, scales_of
 from .fp8_kernels import _fp8_attn_kernel, _fp8_kv_prep_kernel
 
 __all__ = ["FP8KV", "check_fp8_head_dim", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
@@ -52,8 +52,7 @@ def fp8_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     contiguous: vorta_ops/fp8.py's smoothing and V scales. Reductions only (no full-size copy)."""
     k_mean = k.mean(2, dtype=torch.float32).contiguous()
     lo, hi = torch.aminmax(v, dim=2)
-    amax = torch.maximum(-lo.float(), hi.float())
-    return k_mean, torch.where(amax > 1e-12, amax / 448.0, torch.ones_like(amax)).contiguous()
+    return k_mean, scales_of(torch.maximum(-lo.float(), hi.float())).contiguous()
 
 
 class FP8KV(NamedTuple):

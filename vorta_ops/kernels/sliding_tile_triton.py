@@ -46,6 +46,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._backends import head_index, kernel_head_table, require_out, tensor_version
+from ..fp8 import PRECISIONS
 from ..layout import TileLayout
 from ..sliding_tile import SlidingTileConfig
 from .fp8_triton import check_fp8_device, check_fp8_head_dim, fp8_prepare_kv
@@ -177,7 +178,6 @@ def _check_inputs(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, what: str
 
 # "fp8": K and V quantised once per call by the preparation pass (fp8_triton.fp8_prepare_kv) into the
 # packed key order, V transposed; the kernel reads e4m3 blocks and quantises Q per query block.
-PRECISIONS = ("bf16", "fp8")
 
 
 def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=None, scale=None, out=None,
@@ -191,7 +191,7 @@ def _launcher(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *, kv_mask=No
     if fp8:
         check_fp8_device(q, what)
     _check_inputs(q, k, v, layout, cfg, what)
-    if fp8:
+    if fp8:  # after the shape checks: the head dim is known to be q's
         check_fp8_head_dim(q.shape[3], what)
         if not interpreting() and layout.block < 32:
             raise ValueError(f"{what}: precision fp8 needs a layout block of at least 32 (8-bit tensor-core dots), "
