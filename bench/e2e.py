@@ -369,7 +369,8 @@ def sdpa_backend(name):
 
 
 def sample(patcher, latent_shape, steps, seed, device, family="wan"):
-    """(per-step seconds, x0 per step, final latent, peak GiB) of one sampling run."""
+    """(per-step seconds, x0 per step, final latent, peak GiB, transformer forward calls) of one sampling
+    run. The calls count what a step cache skipped (cond + uncond batched: one call per step run)."""
     import comfy.sample
 
     g = torch.Generator().manual_seed(seed)
@@ -399,11 +400,18 @@ def sample(patcher, latent_shape, steps, seed, device, family="wan"):
         torch.cuda.reset_peak_memory_stats()
     sync()
     stamps.append(time.perf_counter())
-    out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", "simple", cond, uncond, latent, callback=callback,
-                              disable_pbar=True, seed=seed)
+    calls = []
+    dm = patcher.model.diffusion_model  # a step cache wraps the transformer's forward: count its first block's runs
+    first = next(getattr(dm, n)[0] for n in ("blocks", "double_blocks", "single_blocks") if len(getattr(dm, n, ())))
+    hook = first.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", "simple", cond, uncond, latent,
+                                  callback=callback, disable_pbar=True, seed=seed)
+    finally:
+        hook.remove()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
-    return durations, x0s, out.float().cpu(), peak
+    return durations, x0s, out.float().cpu(), peak, len(calls)
 
 
 def fidelity(x0s, final, ref_x0s, ref_final):
@@ -498,7 +506,7 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                     if kind == "training-free":
                         sample(m, latent, steps, seed, device, family)  # measures (kept in memory), then the timed run
                     with SetupTimer() as setup:
-                        durations, x0s, final, peak = sample(m, latent, steps, seed, device, family)
+                        durations, x0s, final, peak, calls = sample(m, latent, steps, seed, device, family)
             except Exception as e:  # one method failing must not lose the others
                 import traceback
 
@@ -517,7 +525,8 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                        blocks_run=blocks,
                        blocks_model=cfg["num_layers"], s_per_step=round(sec, 4),
                        s_per_step_full_model=round(sec * cfg["num_layers"] / blocks, 3), peak_mem_gb=round(peak, 2),
-                       overhead_ms=round(setup.seconds * 1e3 / steps, 3) if setup.calls else None)
+                       overhead_ms=round(setup.seconds * 1e3 / steps, 3) if setup.calls else None,
+                       model_calls=calls)
             if ref is None:
                 ref = (x0s, final, sec)
             row["speedup_vs_dense"] = round(ref[2] / sec, 3)
@@ -538,10 +547,10 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
 def attach_shares(rows):
     """Each row's dense_self_attention_share: 1 - (self-attention skipped) / (dense cuDNN) s per step of
     its model and weights, from the rows in the table (after a merge: the latest run of each)."""
-    step = {(r.get("model"), r.get("variant"), r.get("method")): r["s_per_step"] for r in rows if "s_per_step" in r}
+    step = {_row_key(r): r["s_per_step"] for r in rows if "s_per_step" in r}
     for r in rows:
-        dense = step.get((r.get("model"), r.get("variant"), "dense cuDNN SDPA"))
-        skipped = step.get((r.get("model"), r.get("variant"), "self-attention skipped"))
+        m, v, _, n = _row_key(r)
+        dense, skipped = step.get((m, v, "dense cuDNN SDPA", n)), step.get((m, v, "self-attention skipped", n))
         if dense and skipped:
             r["dense_self_attention_share"] = round(1 - skipped / dense, 3)
         else:
@@ -559,6 +568,11 @@ def _steps_text(rows, steps):
     return "; ".join(f"{n} steps ({', '.join(dict.fromkeys(m))})" for n, m in sorted(per.items(), reverse=True))
 
 
+def _calls(r):
+    """' (17)' where a run's transformer calls differ from its steps (a step cache skipped some)."""
+    return f" ({r['model_calls']})" if r.get("model_calls") not in (None, r.get("steps")) else ""
+
+
 def write(rows, meta, steps):
     from bench.attention import save_results
 
@@ -571,19 +585,20 @@ def write(rows, meta, steps):
           "'structured' means). Fidelity: against dense cuDNN on the same seed (mean over steps of the denoised "
           "prediction's relative L2 and cosine; final latent PSNR). Random weights: the quality of real weights is "
           "for users to confirm (VORTA Fidelity Check node).", "",
-          "| model | weights | method | s / step (blocks run) | s / step, all blocks | x dense | peak GiB | rel. L2 | cosine | PSNR dB | set-up ms / step |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| model | weights | steps (model calls) | method | s / step (blocks run) | s / step, all blocks | x dense | peak GiB | rel. L2 | cosine | PSNR dB | set-up ms / step |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['model']} | {r['variant']} | {r['method']} | failed: {r['error']} | | | | | | | |")
+            md.append(f"| {r['model']} | {r['variant']} | {r.get('steps', '')} | {r['method']} | failed: {r['error']} | | | | | | | |")
             continue
-        md.append(f"| {r['model']} | {r['variant']} | {r['method']} | {r['s_per_step']} ({r['blocks_run']}) | "
+        md.append(f"| {r['model']} | {r['variant']} | {r.get('steps', '')}{_calls(r)} | {r['method']} | {r['s_per_step']} ({r['blocks_run']}) | "
                   f"{r['s_per_step_full_model']} | {r['speedup_vs_dense']} | {r['peak_mem_gb']} | {r.get('rel_l2_step_mean', '')} | "
                   f"{r.get('cosine_step_mean', '')} | {r.get('psnr_final', '')} | {r.get('overhead_ms') or ''} |")
-    shares = {(r["model"], r["variant"]): r.get("dense_self_attention_share") for r in rows if "dense_self_attention_share" in r}
+    shares = {(r["model"], r["variant"], r.get("steps")): r["dense_self_attention_share"] for r in rows
+              if "dense_self_attention_share" in r}
     if shares:
-        md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights): {s:.1%} (1 - step time with self-attention "
-                      f"skipped / dense step time)." for (m, v), s in shares.items()]
+        md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights, {n} steps): {s:.1%} (1 - step time with "
+                      f"self-attention skipped / dense step time)." for (m, v, n), s in shares.items()]
     save_results("e2e", rows, meta, md)
 
 
@@ -640,7 +655,9 @@ def main(argv=None):
 
 
 def _row_key(r: dict) -> tuple:
-    return r.get("model"), r.get("variant"), r.get("method")
+    """A row is measured again by a run of the same model, weights, method and number of steps (a longer
+    run, e.g. for a step cache to reach its threshold, is kept beside the short one)."""
+    return r.get("model"), r.get("variant"), r.get("method"), r.get("steps")
 
 
 def previous_rows(device_name: str) -> list[dict]:

@@ -22,7 +22,8 @@ from vorta_ops.sliding_tile import ALIGNED_TILE, SlidingTileConfig
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="wan14b-720p", choices=sorted(SHAPES))
-    p.add_argument("--fp8", action="store_true", help="only the aligned sliding tile in bf16 and in fp8")
+    p.add_argument("--fp8", action="store_true",
+                   help="only the aligned sliding tile and the core-set path, each in bf16 and in fp8")
     a = p.parse_args(argv)
     from vorta_ops.kernels.coreset_triton import coreset_triton
     from vorta_ops.kernels.sliding_tile_triton import sliding_tile_triton
@@ -42,6 +43,8 @@ def main(argv=None):
         cfg = SlidingTileConfig(ALIGNED_TILE)
         calls = {f"sliding aligned {p}": (lambda p=p: sliding_tile_triton(q, k, v, grid, cfg, precision=p))
                  for p in ("bf16", "fp8")}
+        calls.update({f"coreset {p}": (lambda p=p: coreset_triton(q, k, v, grid, CoresetConfig(), precision=p))
+                      for p in ("bf16", "fp8")})
     for fn in calls.values():  # autotune, compile, warm caches: outside the profiled region
         fn(), fn()
     torch.cuda.synchronize()
