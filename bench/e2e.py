@@ -311,8 +311,8 @@ def _stand_in_pyav():
     sys.meta_path.insert(0, _Finder())
 
 
-def with_easycache(model):
-    """ComfyUI core's EasyCache on top of a model (its node's defaults)."""
+def with_easycache(model, threshold=0.2):
+    """ComfyUI core's EasyCache on top of a model (its node's defaults; reuse_threshold given)."""
     try:
         from comfy_extras.nodes_easycache import EasyCacheNode
     except ModuleNotFoundError as e:
@@ -321,7 +321,7 @@ def with_easycache(model):
         _stand_in_pyav()
         from comfy_extras.nodes_easycache import EasyCacheNode
 
-    out = EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95, verbose=False)
+    out = EasyCacheNode.execute(model, reuse_threshold=threshold, start_percent=0.15, end_percent=0.95, verbose=False)
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
@@ -424,7 +424,7 @@ def fidelity(x0s, final, ref_x0s, ref_final):
 
 
 def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=("random", "structured"), only=None,
-              fp8=False, on_row=None):
+              fp8=False, on_row=None, easycache_thresholds=()):
     """This model's rows; ``on_row(rows so far)`` after each one (the caller writes them)."""
     from nodes.patch import VortaOptions, apply_vorta
     from nodes.training_free import TrainingFreeProvider
@@ -462,10 +462,11 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
                     int8_override if kind == "int8" else sage_override)
                 return m
-            if kind == "easycache":
-                return with_easycache(base)
-            if kind.endswith("+ easycache"):
-                return with_easycache(patched(kind[: -len(" + easycache")]))
+            if kind.startswith("easycache"):  # "easycache" or "easycache@T": reuse threshold T
+                return with_easycache(base, *map(float, kind.split("@")[1:]))
+            if "+ easycache" in kind:
+                inner, _, t = kind.partition(" + easycache")
+                return with_easycache(patched(inner), *map(float, t[1:].split("@")[1:] if t else ()))
             if kind == "no self-attention":
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = no_self_attention
@@ -496,6 +497,10 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
         if variant == "random":  # what users stack: a step cache on top (skipped steps x attention saved)
             methods += [("EasyCache (core defaults)", "easycache", "cudnn"),
                         ("VORTA 50/50 official + EasyCache", "mix official + easycache", "cudnn")]
+            for t in easycache_thresholds:  # random weights change the output a lot per step: a looser cache
+                methods += [(f"EasyCache (reuse threshold {t:g})", f"easycache@{t:g}", "cudnn"),
+                            (f"VORTA 50/50 official + EasyCache (reuse threshold {t:g})",
+                             f"mix official + easycache@{t:g}", "cudnn")]
         if only:  # a subset (debugging): the reference first
             methods = methods[:1] + [m for m in methods[1:] if any(o in m[0] for o in only)]
         ref = None
@@ -549,8 +554,8 @@ def attach_shares(rows):
     its model and weights, from the rows in the table (after a merge: the latest run of each)."""
     step = {_row_key(r): r["s_per_step"] for r in rows if "s_per_step" in r}
     for r in rows:
-        m, v, _, n = _row_key(r)
-        dense, skipped = step.get((m, v, "dense cuDNN SDPA", n)), step.get((m, v, "self-attention skipped", n))
+        m, v, _, n, b = _row_key(r)
+        dense, skipped = step.get((m, v, "dense cuDNN SDPA", n, b)), step.get((m, v, "self-attention skipped", n, b))
         if dense and skipped:
             r["dense_self_attention_share"] = round(1 - skipped / dense, 3)
         else:
@@ -613,6 +618,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="random,structured")
     ap.add_argument("--only", default="", help="comma-separated substrings of the methods to run (besides dense cuDNN)")
+    ap.add_argument("--easycache", default="", help="comma-separated EasyCache reuse thresholds to run besides the "
+                                                   "node's default 0.2, alone and on top of VORTA (random weights)")
     ap.add_argument("--fp8", action="store_true", help="also fp8 weights (float8_e4m3fn), dense and with VORTA")
     ap.add_argument("--fast", default="", help="ComfyUI --fast features, e.g. fp8_matrix_mult")
     ap.add_argument("--drop", default="", help="with --merge: comma-separated MODEL:METHOD-substring pairs; earlier rows "
@@ -650,14 +657,15 @@ def main(argv=None):
 
     for name in a.models.split(","):
         rows += run_model(name, a.steps, a.seed, device, dtype, a.blocks if name in BIG else None,
-                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o], a.fp8, on_row=flush)
+                          tuple(a.variants.split(",")), [o for o in a.only.split(",") if o], a.fp8, on_row=flush,
+                          easycache_thresholds=[float(t) for t in a.easycache.split(",") if t])
     flush()
 
 
 def _row_key(r: dict) -> tuple:
-    """A row is measured again by a run of the same model, weights, method and number of steps (a longer
-    run, e.g. for a step cache to reach its threshold, is kept beside the short one)."""
-    return r.get("model"), r.get("variant"), r.get("method"), r.get("steps")
+    """A row is measured again by a run of the same model, weights, method, number of steps and blocks (a
+    longer run, e.g. for a step cache to reach its threshold, is kept beside the short one)."""
+    return r.get("model"), r.get("variant"), r.get("method"), r.get("steps"), r.get("blocks_run")
 
 
 def previous_rows(device_name: str) -> list[dict]:
