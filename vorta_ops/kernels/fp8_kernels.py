@@ -1,17 +1,22 @@
 """FP8 (e4m3) Triton code shared by the attention kernels: the e4m3 rounding, the per-row
-quantiser, the K / V preparation pass and a dense FP8 attention kernel (the ``@triton.jit`` code
-only; launchers in ``fp8_triton.py``). The numerics are vorta_ops/fp8.py's scheme: K smoothed by
-its head mean, per-token Q / K scales (amax / 448), P in e4m3 scaled by 448 (P_SCALE), per-channel
-V scales, fp32 accumulation.
+quantiser, the K / V preparation pass, the online-softmax step and a dense FP8 attention kernel (the
+``@triton.jit`` code only; launchers in ``fp8_triton.py``). The numerics are vorta_ops/fp8.py's
+scheme: K smoothed by its head mean, per-token Q scales and one K scale per head (amax / 448), P in
+e4m3 scaled by 448 (P_SCALE), per-channel V scales, fp32 accumulation.
 
-The preparation pass (``_fp8_kv_prep_kernel``) writes, per program head, K as e4m3 rows with their
-scales and V as e4m3 TRANSPOSED ([D, LP]: the reduction axis of P . V contiguous, which Hopper's
+The preparation pass (``_fp8_kv_prep_kernel``) writes, per program head, K as e4m3 rows and V as
+e4m3 TRANSPOSED ([D, LP]: the reduction axis of P . V contiguous, which Hopper's
 FP8 tensor-core instructions want for their second operand), both in a key order given by an
 index table (the sliding tile's packed order; identity for dense attention). An attention kernel
 then reads contiguous e4m3 blocks: half the bytes of bf16, no per-block quantisation work, and no
 dependent index load in its inner loop. Measured on the H200 (Wan-14B 720p, aligned tiles): V in
 rows instead of transposed doubles the sliding-tile kernel's time, and quantising K and V per key
 block inside the loop instead of once quadruples it.
+
+The softmax step (``_attend_e4m3``) takes the raw e4m3 dot products and one factor per query row
+(Q's scale x K's head scale x softmax scale x log2 e): the row max is taken on the raw scores and
+scaled once, and P = 448 * exp2(s * c - max) is one multiply-add and one exp2 per score (448 enters
+as log2(448) subtracted from the max), which is why K has one scale per head.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def _quant_rows(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _fp8_kv_prep_kernel(
-    K, V, Src, Heads, KMean, VScale, K8, KS, V8T,
+    K, V, Src, Heads, KMean, KScale, VScale, K8, V8T,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     n_heads, H_ALL, N_SRC, LP,
     HEAD_DIM: tl.constexpr,
@@ -55,9 +60,9 @@ def _fp8_kv_prep_kernel(
     EMULATE: tl.constexpr,  # interpreter: e4m3 rounding in fp32 arithmetic
     BLOCK: tl.constexpr,
 ):
-    """One program: BLOCK slots of one (batch, program head). Writes K8 [B*n_heads, LP, D] e4m3,
-    KS [B*n_heads, LP] fp32 and V8T [B*n_heads, D, LP] e4m3; slots without a token (padding, or past
-    N_SRC) get zeros (K scale 1)."""
+    """One program: BLOCK slots of one (batch, program head). Writes K8 [B*n_heads, LP, D] e4m3 (K
+    minus KMean, over the head's scale KScale [B, H_ALL]) and V8T [B*n_heads, D, LP] e4m3 (V over its
+    channel scales VScale [B, H_ALL, D]); slots without a token (padding, or past N_SRC) get zeros."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = bh // n_heads
@@ -81,13 +86,12 @@ def _fp8_kv_prep_kernel(
     k = tl.load(K + off_b64 * s_kb + off_h64 * s_kh + row[:, None] * s_kn + offs_d[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)
     k = tl.where(valid[:, None], k - tl.load(KMean + head_row + offs_d)[None, :], 0.0)
-    k8, k_s = _quant_rows(k, EMULATE)
+    k8 = _e4m3(k / tl.load(KScale + off_b64 * H_ALL + off_h64), EMULATE)
     v = tl.load(V + off_b64 * s_vb + off_h64 * s_vh + row[:, None] * s_vn + offs_d[None, :], mask=valid[:, None],
                 other=0.0).to(tl.float32)
     v8 = _e4m3(v / tl.load(VScale + head_row + offs_d)[None, :], EMULATE)
     bh64 = bh.to(tl.int64)
     tl.store(K8 + bh64 * LP * HEAD_DIM + slots[:, None] * HEAD_DIM + offs_d[None, :], k8.to(K8.dtype.element_ty))
-    tl.store(KS + bh64 * LP + slots, k_s)
     tl.store(V8T + bh64 * HEAD_DIM * LP + offs_d[None, :] * LP + slots[:, None], v8.to(V8T.dtype.element_ty))
 
 
@@ -103,8 +107,8 @@ def _scores_e4m3(q8, k8, FP8_UPCAST: tl.constexpr):
 @triton.jit
 def _softmax_step(qk, m_i, l_i, acc, qk_scale):
     """The online softmax's update for one key block (exp2 domain, log2(e) folded into qk_scale):
-    qk masked fp32 scores (unscaled) -> (p, new running max, new row sum, acc rescaled). Shared by
-    the bf16 and fp8 kernels; rows with no valid key yet keep p = 0."""
+    qk masked fp32 scores (unscaled) -> (p, new running max, new row sum, acc rescaled), the bf16
+    kernels' (the fp8 one is _attend_e4m3); rows with no valid key yet keep p = 0."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk * qk_scale - m_use[:, None])
@@ -113,12 +117,19 @@ def _softmax_step(qk, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST: tl.constexpr):
-    """One online-softmax step with P rounded to e4m3 (scaled by 448, vorta_ops.fp8.P_SCALE) and V read
-    as e4m3 [D, N] (transposed); the caller multiplies V's channel scales / 448 back at the end. qk:
-    masked fp32 scores (unscaled)."""
-    p, m_new, l_i, acc = _softmax_step(qk, m_i, l_i, acc, qk_scale)
-    p8 = _e4m3(p * 448.0, FP8_UPCAST)  # vorta_ops.fp8.P_SCALE: the caller divides it back
+def _attend_e4m3(v8t, s, c, m_i, l_i, acc, FP8_UPCAST: tl.constexpr):
+    """One online-softmax step of the FP8 kernels. s: the block's raw e4m3 dot products [M, N] in fp32,
+    masked keys -inf; c: the row's factor [M] (> 0: Q's scale x K's head scale x softmax scale x
+    log2 e). P = 448 * exp2(s * c - max) (vorta_ops.fp8.P_SCALE, as log2(448) off the max: one
+    multiply-add per score) is rounded to e4m3 and multiplies V, read as e4m3 [D, N] (transposed);
+    l sums the same scaled P, so acc / l needs only V's channel scales at the end."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # c > 0: max(s) * c is max(s * c), one multiply per row
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * c[:, None] - (m_use - 8.807354922057604)[:, None])  # log2(448)
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p8 = _e4m3(p, FP8_UPCAST)
     if FP8_UPCAST:
         acc = tl.dot(p8.to(tl.float32), tl.trans(v8t.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -128,7 +139,7 @@ def _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST: tl.constexpr):
 
 @triton.jit
 def _fp8_attn_kernel(
-    Q, K8, KS, V8T, VScale, O, Bias, Heads,
+    Q, K8, KScale, V8T, VScale, O, Bias, Heads,
     s_qb, s_qh, s_qm,
     s_ob, s_oh, s_om,
     s_bias_b, s_bias_h,
@@ -164,8 +175,8 @@ def _fp8_attn_kernel(
     q = tl.load(Q + off_b64 * s_qb + off_h64 * s_qh + rows[:, None] * s_qm + offs_d[None, :],
                 mask=(offs_m < M)[:, None], other=0.0)
     q8, q_s = _quant_rows(q, FP8_UPCAST)
+    c = q_s * (tl.load(KScale + off_b64 * H_ALL + off_h64) * qk_scale)
     k_base = K8 + bh64 * LP * HEAD_DIM
-    ks_base = KS + bh64 * LP
     v_base = V8T + bh64 * HEAD_DIM * LP
     bias_base = Bias + off_b64 * s_bias_b + prog_h.to(tl.int64) * s_bias_h
 
@@ -175,15 +186,15 @@ def _fp8_attn_kernel(
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         k8 = tl.load(k_base + cols[:, None] * HEAD_DIM + offs_d[None, :])
-        qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + cols)[None, :]
+        qk = _scores_e4m3(q8, k8, FP8_UPCAST)
         if HAS_BIAS:
             qk += tl.load(bias_base + cols, mask=cols < N, other=float("-inf"))[None, :]
         else:
             qk = tl.where((cols < N)[None, :], qk, float("-inf"))
         v8t = tl.load(v_base + offs_d[:, None] * LP + cols[None, :])
-        m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
+        m_i, l_i, acc = _attend_e4m3(v8t, qk, c, m_i, l_i, acc, FP8_UPCAST)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc * (tl.load(VScale + (off_b64 * H_ALL + off_h64) * HEAD_DIM + offs_d) / 448.0)[None, :] / l_i[:, None]
+    out = acc * tl.load(VScale + (off_b64 * H_ALL + off_h64) * HEAD_DIM + offs_d)[None, :] / l_i[:, None]
     tl.store(O + off_b64 * s_ob + off_h64 * s_oh + rows[:, None] * s_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m < M)[:, None])

@@ -6,9 +6,9 @@ tensor cores need sm_89+ (Ada, Hopper, Blackwell); the code uses no Hopper-only 
 same kernels compile for Ada and Blackwell. ``TRITON_INTERPRET=1`` runs them on CPU with the e4m3
 rounding done in fp32 arithmetic (tests).
 
-Cost of the preparation, per call: one read of k and v for the statistics (k's mean, v's channel
-amax: reductions, no full-size temporary) and one read of k and v that writes e4m3 copies (half
-their size) in the order the attention kernel walks. Against the attention itself (tens of ms at
+Cost of the preparation, per call: one read of k and v for the statistics (k's mean and its
+channel extremes, v's channel amax: reductions, no full-size temporary) and one read of k and v
+that writes e4m3 copies (half their size) in the order the attention kernel walks. Against the attention itself (tens of ms at
 720p) that is a few hundred microseconds of memory traffic.
 """
 from __future__ import annotations
@@ -47,18 +47,22 @@ def check_fp8_head_dim(d: int, what: str) -> None:
         raise ValueError(f"{what}: precision fp8 supports head dims 32, 64, 128, 256; got {d} (use precision bf16)")
 
 
-def fp8_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k's per-head mean over the sequence, v's per-channel scale amax / 448), fp32 [B, H, D]
-    contiguous: vorta_ops/fp8.py's smoothing and V scales. Reductions only (no full-size copy)."""
+def fp8_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k's per-head mean over the sequence [B, H, D], the smoothed k's scale per head [B, H], v's
+    per-channel scale [B, H, D]), fp32 contiguous: vorta_ops/fp8.py's smoothing, K scale (amax of
+    k - mean over the head / 448) and V scales. Reductions only (no full-size copy): |k - mean| is
+    largest at a channel's extreme, so k's channel min and max give its amax exactly."""
     k_mean = k.mean(2, dtype=torch.float32).contiguous()
+    lo, hi = torch.aminmax(k, dim=2)
+    k_amax = torch.maximum(hi.float() - k_mean, k_mean - lo.float()).amax(-1)
     lo, hi = torch.aminmax(v, dim=2)
-    return k_mean, scales_of(torch.maximum(-lo.float(), hi.float())).contiguous()
+    return k_mean, scales_of(k_amax).contiguous(), scales_of(torch.maximum(-lo.float(), hi.float())).contiguous()
 
 
 class FP8KV(NamedTuple):
     """K and V prepared for an FP8 attention kernel, per program head (a head subset's heads in
-    table order): k8 e4m3 [B * n_h, lp, D], k_scale fp32 [B * n_h, lp], v8t e4m3 [B * n_h, D, lp]
-    (V transposed), v_scale fp32 [B, H, D] (every head of the input, indexed by real head)."""
+    table order): k8 e4m3 [B * n_h, lp, D], v8t e4m3 [B * n_h, D, lp] (V transposed); k_scale fp32
+    [B, H] and v_scale fp32 [B, H, D] (every head of the input, indexed by real head)."""
 
     k8: torch.Tensor
     k_scale: torch.Tensor
@@ -74,27 +78,26 @@ def fp8_prepare_kv(k, v, *, n_slots: int, src: torch.Tensor | None = None, n_h: 
     Slot i of the output holds token src[i] (int32, -1 = padding: zeros) for i < len(src), or token
     i when src is None (slots >= L: zeros); n_slots slots are filled, rounded up to a multiple of 128.
     head_tab: int32/int64 [n_h] head table (program head i = head head_tab[i]); None = every head.
-    stats: (k_mean, v_scale) from fp8_stats when the caller has them already."""
+    stats: (k_mean, k_scale, v_scale) from fp8_stats when the caller has them already."""
     B, H, L, D = k.shape
     n_h = H if head_tab is None else int(n_h)
-    k_mean, v_scale = stats if stats is not None else fp8_stats(k, v)
+    k_mean, k_scale, v_scale = stats if stats is not None else fp8_stats(k, v)
     lp = -(-int(n_slots) // _SLOT_ALIGN) * _SLOT_ALIGN
     dev = k.device
     k8 = torch.empty(B * n_h, lp, D, dtype=torch.float8_e4m3fn, device=dev)
-    ks = torch.empty(B * n_h, lp, dtype=torch.float32, device=dev)
     v8t = torch.empty(B * n_h, D, lp, dtype=torch.float8_e4m3fn, device=dev)
     n_src = int(src.numel()) if src is not None else L
     idx64 = max((L - 1) * x.stride(2) + (H - 1) * x.stride(1) + (B - 1) * x.stride(0) for x in (k, v)) + D >= 2**31
-    dummy = ks
+    dummy = k_scale
     _fp8_kv_prep_kernel[(lp // _PREP_BLOCK, B * n_h)](
-        k, v, src if src is not None else dummy, head_tab if head_tab is not None else dummy, k_mean, v_scale,
-        k8, ks, v8t,
+        k, v, src if src is not None else dummy, head_tab if head_tab is not None else dummy, k_mean, k_scale,
+        v_scale, k8, v8t,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         n_h, H, n_src, lp,
         HEAD_DIM=D, HAS_SRC=src is not None, HAS_HEADS=head_tab is not None, IDX64=bool(idx64),
         EMULATE=_interpreting(), BLOCK=_PREP_BLOCK, num_warps=4,
     )
-    return FP8KV(k8, ks, v8t, v_scale, lp)
+    return FP8KV(k8, k_scale, v8t, v_scale, lp)
 
 
 def _attn_configs():

@@ -85,7 +85,7 @@ def _scores(q, k, F32_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, VScale, K8, KS, V8T,
+    Q, K, V, O, QSrc, KSrc, Bias, KvGridOk, Heads, VScale, K8, KScale, V8T,
     s_qb, s_qh, s_qn,
     s_kb, s_kh, s_kn,
     s_vb, s_vh, s_vn,
@@ -97,7 +97,7 @@ def _sta_fwd_kernel(
     N_GRID, N_EXTRA, SEQ_LEN,  # packed key order: grid tokens [0, N_GRID), then N_EXTRA extras
     GRID_LEN, TILED_LEN,  # query (tiled) order: extras start at GRID_LEN, all padded to TILED_LEN
     H_ALL,  # heads of q, k, v (rows of VScale per batch)
-    LP,  # FP8: slots per program head of K8 / KS / V8T (packed key order, zero padded)
+    LP,  # FP8: slots per program head of K8 / V8T (packed key order, zero padded)
     HEAD_DIM: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,  # tile (tokens)
@@ -110,7 +110,7 @@ def _sta_fwd_kernel(
     HAS_KV: tl.constexpr,
     HAS_HEADS: tl.constexpr,  # program head i works on head Heads[i] of q, k, v and o
     FP8: tl.constexpr,  # e4m3 Q, K, P, V (vorta_ops/fp8.py's scheme): K and V read from the preparation pass's
-    #   packed K8 [B*n_heads, LP, D], KS [B*n_heads, LP], V8T [B*n_heads, D, LP] (fp8_kernels._fp8_kv_prep_kernel);
+    #   packed K8 [B*n_heads, LP, D], V8T [B*n_heads, D, LP] (fp8_kernels._fp8_kv_prep_kernel), KScale [B, H_ALL];
     #   Q quantised per row here; VScale [B, H_ALL, D] fp32
     FP8_UPCAST: tl.constexpr,  # interpreter: e4m3 dot operands computed in fp32
     BLOCK_M: tl.constexpr,
@@ -133,7 +133,7 @@ def _sta_fwd_kernel(
     off_h = bh % n_heads
     if HAS_HEADS:
         off_h = tl.load(Heads + off_h).to(tl.int32)  # int32 or int64 tables
-    bh64 = bh.to(tl.int64)  # FP8: the program head's rows of K8 / KS / V8T
+    bh64 = bh.to(tl.int64)  # FP8: the program head's rows of K8 / V8T
     start_m = mblk * BLOCK_M
 
     # -- query tile coordinates, window start and span per axis
@@ -193,10 +193,9 @@ def _sta_fwd_kernel(
         q = q.to(tl.float32)
     if FP8:
         q8, q_s = _quant_rows(q, FP8_UPCAST)
-        head_row = (off_b64 * H_ALL + off_h64) * HEAD_DIM
-        v_s = tl.load(VScale + head_row + offs_d)
+        c = q_s * (tl.load(KScale + off_b64 * H_ALL + off_h64) * qk_scale)  # the row's factor (_attend_e4m3)
+        v_s = tl.load(VScale + (off_b64 * H_ALL + off_h64) * HEAD_DIM + offs_d)
         k8_base = K8 + bh64 * LP * HEAD_DIM
-        ks_base = KS + bh64 * LP
         v8_base = V8T + bh64 * HEAD_DIM * LP
 
     if HAS_KV:
@@ -243,7 +242,7 @@ def _sta_fwd_kernel(
 
         if FP8:
             k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
-            qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
+            qk = _scores_e4m3(q8, k8, FP8_UPCAST)
         else:
             k, v = _load_kv(k_base, v_base, row, s_kn, s_vn, offs_d, KV_SAME_STRIDE)
             qk = _scores(q, k, F32_PREC, UPCAST)
@@ -255,7 +254,7 @@ def _sta_fwd_kernel(
                     qk += tl.load(bias_base + slot + offs_n)[None, :]
                 qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
         if FP8:
-            m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
+            m_i, l_i, acc = _attend_e4m3(v8t, qk, c, m_i, l_i, acc, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 
@@ -265,7 +264,7 @@ def _sta_fwd_kernel(
         lim = N_EXTRA - it * BLOCK_N
         if FP8:
             k8, v8t = _load_kv8(k8_base, v8_base, slot, offs_n, offs_d, LP, HEAD_DIM)
-            qk = _scores_e4m3(q8, k8, FP8_UPCAST) * q_s[:, None] * tl.load(ks_base + slot + offs_n)[None, :]
+            qk = _scores_e4m3(q8, k8, FP8_UPCAST)
         else:
             pos = tl.load(KSrc + slot + offs_n)
             if IDX64:
@@ -278,12 +277,12 @@ def _sta_fwd_kernel(
             qk += tl.load(bias_base + slot + offs_n)[None, :]
         qk = tl.where(offs_n[None, :] < lim, qk, float("-inf"))
         if FP8:
-            m_i, l_i, acc = _attend_e4m3(v8t, qk, m_i, l_i, acc, qk_scale, FP8_UPCAST)
+            m_i, l_i, acc = _attend_e4m3(v8t, qk, c, m_i, l_i, acc, FP8_UPCAST)
         else:
             m_i, l_i, acc = _attend(q, k, v, qk, m_i, l_i, acc, qk_scale, F32_PREC, UPCAST)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     if FP8:
-        acc = acc * (v_s / 448.0)[None, :]  # V's channel scales, and P's scale (vorta_ops.fp8.P_SCALE)
+        acc = acc * v_s[None, :]  # V's channel scales (P's scale is in l too)
     out = acc / l_i[:, None]
     tl.store(o_base + (row_q[:, None] * s_on + offs_d[None, :]), out.to(O.dtype.element_ty), mask=valid_q[:, None])
