@@ -551,13 +551,20 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
 
 def attach_shares(rows):
     """Each row's dense_self_attention_share: 1 - (self-attention skipped) / (dense cuDNN) s per step of
-    its model and weights, from the rows in the table (after a merge: the latest run of each)."""
-    step = {_row_key(r): r["s_per_step"] for r in rows if "s_per_step" in r}
+    its model, weights and blocks built, from the rows in the table (after a merge: the latest run of
+    each). Seconds per step hardly depend on the number of steps, so where the two rows come from runs
+    of different lengths, the dense run nearest in steps to the skipped one is used."""
+    def rows_of(method):
+        return [x for x in rows if x.get("method") == method and "s_per_step" in x]
+
     for r in rows:
         m, v, _, n, b = _row_key(r)
-        dense, skipped = step.get((m, v, "dense cuDNN SDPA", n, b)), step.get((m, v, "self-attention skipped", n, b))
-        if dense and skipped:
-            r["dense_self_attention_share"] = round(1 - skipped / dense, 3)
+        skipped = [x for x in rows_of("self-attention skipped") if _row_key(x)[:2] == (m, v) and _row_key(x)[4] == b]
+        dense = [x for x in rows_of("dense cuDNN SDPA") if _row_key(x)[:2] == (m, v) and _row_key(x)[4] == b]
+        if skipped and dense:
+            sk = min(skipped, key=lambda x: abs((x.get("steps") or 0) - (n or 0)))
+            de = min(dense, key=lambda x: abs((x.get("steps") or 0) - (sk.get("steps") or 0)))
+            r["dense_self_attention_share"] = round(1 - sk["s_per_step"] / de["s_per_step"], 3)
         else:
             r.pop("dense_self_attention_share", None)
     return rows
@@ -599,11 +606,11 @@ def write(rows, meta, steps):
         md.append(f"| {r['model']} | {r['variant']} | {r.get('steps', '')}{_calls(r)} | {r['method']} | {r['s_per_step']} ({r['blocks_run']}) | "
                   f"{r['s_per_step_full_model']} | {r['speedup_vs_dense']} | {r['peak_mem_gb']} | {r.get('rel_l2_step_mean', '')} | "
                   f"{r.get('cosine_step_mean', '')} | {r.get('psnr_final', '')} | {r.get('overhead_ms') or ''} |")
-    shares = {(r["model"], r["variant"], r.get("steps")): r["dense_self_attention_share"] for r in rows
+    shares = {(r["model"], r["variant"], r.get("blocks_run")): r["dense_self_attention_share"] for r in rows
               if "dense_self_attention_share" in r}
     if shares:
-        md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights, {n} steps): {s:.1%} (1 - step time with "
-                      f"self-attention skipped / dense step time)." for (m, v, n), s in shares.items()]
+        md += [""] + [f"Dense self-attention share of a step ({m}, {v} weights, {b} blocks): {s:.1%} (1 - step time with "
+                      f"self-attention skipped / dense step time)." for (m, v, b), s in shares.items()]
     save_results("e2e", rows, meta, md)
 
 
