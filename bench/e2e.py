@@ -311,6 +311,15 @@ def _stand_in_pyav():
     sys.meta_path.insert(0, _Finder())
 
 
+def easycache_kind(kind: str) -> tuple[str | None, float]:
+    """A method kind with EasyCache -> (the kind under it, None for the dense model; reuse threshold):
+    "easycache" (the node's default 0.2), "easycache@T", "INNER + easycache", "INNER + easycache@T"."""
+    inner, sep, tail = kind.partition(" + easycache")
+    if not sep:
+        inner, tail = None, kind[len("easycache"):]
+    return inner, float(tail[1:]) if tail.startswith("@") else 0.2
+
+
 def with_easycache(model, threshold=0.2):
     """ComfyUI core's EasyCache on top of a model (its node's defaults; reuse_threshold given)."""
     try:
@@ -462,11 +471,9 @@ def run_model(name, steps, seed, device, dtype, blocks_override=None, variants=(
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
                     int8_override if kind == "int8" else sage_override)
                 return m
-            if kind.startswith("easycache"):  # "easycache" or "easycache@T": reuse threshold T
-                return with_easycache(base, *map(float, kind.split("@")[1:]))
-            if "+ easycache" in kind:
-                inner, _, t = kind.partition(" + easycache")
-                return with_easycache(patched(inner), *map(float, t[1:].split("@")[1:] if t else ()))
+            if "easycache" in kind:
+                inner, threshold = easycache_kind(kind)
+                return with_easycache(base if inner is None else patched(inner), threshold)
             if kind == "no self-attention":
                 m = base.clone()
                 m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = no_self_attention
