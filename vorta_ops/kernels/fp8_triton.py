@@ -8,8 +8,8 @@ rounding done in fp32 arithmetic (tests).
 
 Cost of the preparation, per call: one read of k and v for the statistics (k's mean and its
 channel extremes, v's channel amax: reductions, no full-size temporary) and one read of k and v
-that writes e4m3 copies (half their size) in the order the attention kernel walks. Against the attention itself (tens of ms at
-720p) that is a few hundred microseconds of memory traffic.
+that writes e4m3 copies (half their size) in the order the attention kernel walks. Against the
+attention itself (tens of ms at 720p) that is a few hundred microseconds of memory traffic.
 """
 from __future__ import annotations
 
