@@ -561,16 +561,23 @@ def attach_shares(rows):
     its model, weights and blocks built, from the rows in the table (after a merge: the latest run of
     each). Seconds per step hardly depend on the number of steps, so where the two rows come from runs
     of different lengths, the dense run nearest in steps to the skipped one is used."""
-    def rows_of(method):
-        return [x for x in rows if x.get("method") == method and "s_per_step" in x]
+    def by_model(method):
+        found = {}
+        for x in rows:
+            if x.get("method") == method and "s_per_step" in x:
+                m, v, _, n, b = _row_key(x)
+                found.setdefault((m, v, b), []).append(x)
+        return found
 
+    def nearest(found, steps):
+        return min(found, key=lambda x: abs((x.get("steps") or 0) - (steps or 0)))
+
+    dense, skipped = by_model("dense cuDNN SDPA"), by_model("self-attention skipped")
     for r in rows:
         m, v, _, n, b = _row_key(r)
-        skipped = [x for x in rows_of("self-attention skipped") if _row_key(x)[:2] == (m, v) and _row_key(x)[4] == b]
-        dense = [x for x in rows_of("dense cuDNN SDPA") if _row_key(x)[:2] == (m, v) and _row_key(x)[4] == b]
-        if skipped and dense:
-            sk = min(skipped, key=lambda x: abs((x.get("steps") or 0) - (n or 0)))
-            de = min(dense, key=lambda x: abs((x.get("steps") or 0) - (sk.get("steps") or 0)))
+        if (m, v, b) in dense and (m, v, b) in skipped:
+            sk = nearest(skipped[(m, v, b)], n)
+            de = nearest(dense[(m, v, b)], sk.get("steps"))
             r["dense_self_attention_share"] = round(1 - sk["s_per_step"] / de["s_per_step"], 3)
         else:
             r.pop("dense_self_attention_share", None)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -61,12 +60,9 @@ from ..layout import check_grid
 from . import coreset_configs as cc
 from .coreset_kernels import _expand_kernel, _select_gather_kernel
 from .fp8_triton import check_fp8_device, fp8_attention
+from .sliding_tile_kernel import interpreting
 
 __all__ = ["CoresetCompact", "coreset_select_gather", "coreset_expand", "coreset_triton", "register"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class CoresetCompact(NamedTuple):
@@ -210,7 +206,7 @@ def coreset_triton(
         require_out(out, q, "coreset_triton")
     if out is not None and (out.shape != q.shape or out.device != q.device):
         raise ValueError(f"coreset_triton: out must be {tuple(q.shape)} on {q.device}, got {tuple(out.shape)}")
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         from ..coreset import coreset_attention
 
         kw = dict(kv_mask=kv_mask, scale=scale)

@@ -105,18 +105,6 @@ def _scores_e4m3(q8, k8, FP8_UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(qk, m_i, l_i, acc, qk_scale):
-    """The online softmax's update for one key block (exp2 domain, log2(e) folded into qk_scale):
-    qk masked fp32 scores (unscaled) -> (p, new running max, new row sum, acc rescaled), the bf16
-    kernels' (the fp8 one is _attend_e4m3); rows with no valid key yet keep p = 0."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
-
-
-@triton.jit
 def _attend_e4m3(v8t, s, c, m_i, l_i, acc, FP8_UPCAST: tl.constexpr):
     """One online-softmax step of the FP8 kernels. s: the block's raw e4m3 dot products [M, N] in fp32,
     masked keys -inf; c: the row's factor [M] (> 0: Q's scale x K's head scale x softmax scale x

@@ -14,7 +14,6 @@ attention itself (tens of ms at 720p) that is a few hundred microseconds of memo
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -22,16 +21,13 @@ import torch
 from .._backends import kernel_head_table, require_out
 from ..fp8 import fp8_unsupported_reason, scales_of
 from .fp8_kernels import _fp8_attn_kernel, _fp8_kv_prep_kernel
+from .sliding_tile_kernel import interpreting
 
 __all__ = ["FP8KV", "check_fp8_head_dim", "fp8_stats", "fp8_prepare_kv", "fp8_attention", "check_fp8_device"]
 
 _LOG2E = 1.4426950408889634
 _PREP_BLOCK = 64
 _SLOT_ALIGN = 128  # LP: a multiple of this (>= any BLOCK_N), so key blocks never read past the buffers
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_fp8_device(t: torch.Tensor, what: str) -> None:
@@ -72,16 +68,15 @@ class FP8KV(NamedTuple):
 
 
 def fp8_prepare_kv(k, v, *, n_slots: int, src: torch.Tensor | None = None, n_h: int | None = None,
-                   head_tab: torch.Tensor | None = None, stats=None) -> FP8KV:
+                   head_tab: torch.Tensor | None = None) -> FP8KV:
     """Quantise k and v [B, H, L, D] (any row stride, last-dim stride 1) for the FP8 kernels.
 
     Slot i of the output holds token src[i] (int32, -1 = padding: zeros) for i < len(src), or token
     i when src is None (slots >= L: zeros); n_slots slots are filled, rounded up to a multiple of 128.
-    head_tab: int32/int64 [n_h] head table (program head i = head head_tab[i]); None = every head.
-    stats: (k_mean, k_scale, v_scale) from fp8_stats when the caller has them already."""
+    head_tab: int32/int64 [n_h] head table (program head i = head head_tab[i]); None = every head."""
     B, H, L, D = k.shape
     n_h = H if head_tab is None else int(n_h)
-    k_mean, k_scale, v_scale = stats if stats is not None else fp8_stats(k, v)
+    k_mean, k_scale, v_scale = fp8_stats(k, v)
     lp = -(-int(n_slots) // _SLOT_ALIGN) * _SLOT_ALIGN
     dev = k.device
     k8 = torch.empty(B * n_h, lp, D, dtype=torch.float8_e4m3fn, device=dev)
@@ -95,7 +90,7 @@ def fp8_prepare_kv(k, v, *, n_slots: int, src: torch.Tensor | None = None, n_h: 
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         n_h, H, n_src, lp,
         HEAD_DIM=D, HAS_SRC=src is not None, HAS_HEADS=head_tab is not None, IDX64=bool(idx64),
-        EMULATE=_interpreting(), BLOCK=_PREP_BLOCK, num_warps=4,
+        EMULATE=interpreting(), BLOCK=_PREP_BLOCK, num_warps=4,
     )
     return FP8KV(k8, k_scale, v8t, v_scale, lp)
 
@@ -175,12 +170,12 @@ def fp8_attention(q, k, v, *, kv_mask=None, scale=None, out=None, heads=None, co
             q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), s_bias_b, s_bias_h,
             n_h, H, M, N, prep.lp, scale * _LOG2E)
     meta = dict(HEAD_DIM=D, HAS_BIAS=kv_mask is not None, HAS_HEADS=heads is not None, IDX64=bool(idx64),
-                FP8_UPCAST=_interpreting())
-    if config is None and _interpreting():
+                FP8_UPCAST=interpreting())
+    if config is None and interpreting():
         config = INTERPRET_CONFIG
     if config is not None:
-        c = {"num_warps": 4, "num_stages": 1 if _interpreting() else 3, **config}
-        if c["BLOCK_N"] > _SLOT_ALIGN or (not _interpreting() and min(c["BLOCK_M"], c["BLOCK_N"]) < 32):
+        c = {"num_warps": 4, "num_stages": 1 if interpreting() else 3, **config}
+        if c["BLOCK_N"] > _SLOT_ALIGN or (not interpreting() and min(c["BLOCK_M"], c["BLOCK_N"]) < 32):
             raise ValueError(f"{what}: BLOCK_N must be at most {_SLOT_ALIGN} and BLOCK_M, BLOCK_N at least 32 "
                              f"(8-bit tensor-core dots), got {c['BLOCK_M']}, {c['BLOCK_N']}")
         _fp8_attn_kernel[(-(-M // c["BLOCK_M"]), B * n_h)](*args, **meta, **c)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fp8_kernels import _attend_e4m3, _quant_rows, _scores_e4m3, _softmax_step
+from .fp8_kernels import _attend_e4m3, _quant_rows, _scores_e4m3
 
 __all__ = ["interpreting"]
 
@@ -33,6 +33,18 @@ __all__ = ["interpreting"]
 def interpreting() -> bool:
     """True when triton was imported under TRITON_INTERPRET=1 (the kernel is then interpreted)."""
     return type(_sta_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, acc, qk_scale):
+    """The online softmax's update for one key block (exp2 domain, log2(e) folded into qk_scale):
+    qk masked fp32 scores (unscaled) -> (p, new running max, new row sum, acc rescaled); rows with no
+    valid key yet keep p = 0. (The fp8 path's step is fp8_kernels._attend_e4m3.)"""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
 
 
 @triton.jit

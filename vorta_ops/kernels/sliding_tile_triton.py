@@ -297,9 +297,9 @@ def sliding_tile_forward(q, k, v, layout: TileLayout, cfg: SlidingTileConfig, *,
     other heads are left untouched. The device head table is cached per (heads, device).
     precision: "bf16" (inputs' own dtype, fp32 accumulation), or "fp8": Q, K, P, V in e4m3 as
     vorta_ops/fp8.py computes them (K smoothed by its head mean, per-token Q scales, one K scale per
-    head, per-channel V scales; fp32 accumulation; sm_89+); its reference is vorta_ops.fp8.fp8_attention_reference. K and
-    V are quantised once per call into the packed key order (fp8_triton.fp8_prepare_kv), Q per query
-    block in the kernel.
+    head, per-channel V scales; fp32 accumulation; sm_89+); its reference is
+    vorta_ops.fp8.fp8_attention_reference. K and V are quantised once per call into the packed key
+    order (fp8_triton.fp8_prepare_kv), Q per query block in the kernel.
     """
     launch, out = _launcher(q, k, v, layout, cfg, kv_mask=kv_mask, scale=scale, out=out, config=config, heads=heads,
                             precision=precision)
